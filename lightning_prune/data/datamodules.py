@@ -1,0 +1,322 @@
+"""LightningDataModules for the datasets of the pruning papers.
+
+Every datamodule takes a ``data_dir``; nothing is downloaded unless ``download=True``. When the
+files are missing (and download is off or there is no network) the datamodule raises
+:class:`DatasetNotFoundError` naming the folder it looked in and how to get the data.
+
+The training set is split into train / validation with a seeded permutation, so the split is
+the same on every run and every DDP rank. ``subset`` keeps only that many training samples
+(for quick CPU runs); validation and test sets are never subsampled.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets, transforms
+
+CIFAR10_ARCHIVE = "cifar10-jpg.tar.gz"
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset is not in ``data_dir`` and could not (or may not) be downloaded."""
+
+
+def _check_positive_int(name: str, value: Any, allow_none: bool = False, allow_zero: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+class VisionDataModule(L.LightningDataModule):
+    """Common train/val/test logic; subclasses say how to build the three raw datasets."""
+
+    name: str = ""
+    num_classes: int = 0
+    input_shape: tuple[int, int, int] = (0, 0, 0)
+    mean: Sequence[float] = ()
+    std: Sequence[float] = ()
+    how_to_get: str = ""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike = "./data",
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_size: int = 5000,
+        subset: int | None = None,
+        seed: int = 0,
+        augment: bool = True,
+        download: bool = False,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(data_dir, (str, os.PathLike)):
+            raise TypeError(f"data_dir must be a path, got {type(data_dir).__name__}")
+        _check_positive_int("batch_size", batch_size)
+        _check_positive_int("eval_batch_size", eval_batch_size, allow_none=True)
+        _check_positive_int("num_workers", num_workers, allow_zero=True)
+        _check_positive_int("val_size", val_size, allow_zero=True)
+        _check_positive_int("subset", subset, allow_none=True)
+        _check_positive_int("seed", seed, allow_zero=True)
+        self.data_dir = Path(data_dir).expanduser()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.val_size = val_size
+        self.subset = subset
+        self.seed = seed
+        self.augment = augment
+        self.download = download
+        self.pin_memory = pin_memory
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    # --- what subclasses provide ---------------------------------------------------------
+    def train_augmentation(self) -> list[Callable]:
+        return []
+
+    def build(self, train: bool, transform: Callable) -> Dataset:
+        """The raw dataset (``train`` or test split) with ``transform``; may raise anything
+        torchvision raises when the files are missing."""
+        raise NotImplementedError
+
+    # --- shared -------------------------------------------------------------------------
+    def eval_transform(self) -> Callable:
+        return transforms.Compose([transforms.ToTensor(), transforms.Normalize(self.mean, self.std)])
+
+    def train_transform(self) -> Callable:
+        aug = self.train_augmentation() if self.augment else []
+        return transforms.Compose([*aug, transforms.ToTensor(), transforms.Normalize(self.mean, self.std)])
+
+    def missing(self, reason: str = "") -> DatasetNotFoundError:
+        msg = (
+            f"{self.name} was not found in {self.data_dir.resolve()}"
+            + (f" ({reason})" if reason else "")
+            + f". {self.how_to_get} Point data_dir (or the LP_DATA_DIR environment variable) at the folder that holds it"
+            + ("" if self.download else ", or set download=true on a machine with network access")
+            + "."
+        )
+        return DatasetNotFoundError(msg)
+
+    def _load(self, train: bool, transform: Callable) -> Dataset:
+        try:
+            return self.build(train, transform)
+        except DatasetNotFoundError:
+            raise
+        except (RuntimeError, FileNotFoundError) as err:
+            raise self.missing(str(err).strip().splitlines()[0] if str(err).strip() else "") from err
+        except OSError as err:  # urllib errors when downloading offline
+            raise self.missing(f"download failed: {err}") from err
+
+    def prepare_data(self) -> None:
+        # Runs on one process only: the place to download or extract.
+        self._load(True, None)
+        self._load(False, None)
+
+    def split_indices(self, n: int) -> tuple[list[int], list[int]]:
+        if self.val_size >= n:
+            raise ValueError(f"val_size must be smaller than the training set ({n} samples), got {self.val_size}")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        val_idx, train_idx = perm[: self.val_size], perm[self.val_size :]
+        if self.subset is not None:
+            train_idx = train_idx[: self.subset]
+        return train_idx, val_idx
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            full_train = self._load(True, self.train_transform())
+            full_eval = self._load(True, self.eval_transform())
+            train_idx, val_idx = self.split_indices(len(full_train))
+            self.train_set = Subset(full_train, train_idx)
+            self.val_set = Subset(full_eval, val_idx)
+        if stage in (None, "test", "predict") and self.test_set is None:
+            self.test_set = self._load(False, self.eval_transform())
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, False)
+
+
+_TORCHVISION_HINT = "torchvision's {cls}(root=data_dir, download=True) creates the expected layout."
+
+
+class MNISTDataModule(VisionDataModule):
+    name, num_classes, input_shape = "MNIST", 10, (1, 28, 28)
+    mean, std = (0.1307,), (0.3081,)
+    how_to_get = _TORCHVISION_HINT.format(cls="MNIST") + " The expected files are <data_dir>/MNIST/raw/*-ubyte."
+
+    def build(self, train: bool, transform: Callable) -> Dataset:
+        return datasets.MNIST(str(self.data_dir), train=train, transform=transform, download=self.download)
+
+
+class FashionMNISTDataModule(VisionDataModule):
+    name, num_classes, input_shape = "Fashion-MNIST", 10, (1, 28, 28)
+    mean, std = (0.2860,), (0.3530,)
+    how_to_get = _TORCHVISION_HINT.format(cls="FashionMNIST") + " The expected files are <data_dir>/FashionMNIST/raw/*-ubyte."
+
+    def build(self, train: bool, transform: Callable) -> Dataset:
+        return datasets.FashionMNIST(str(self.data_dir), train=train, transform=transform, download=self.download)
+
+
+class _CifarAugmentation:
+    def train_augmentation(self) -> list[Callable]:
+        return [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
+
+
+class CIFAR10DataModule(_CifarAugmentation, VisionDataModule):
+    """CIFAR-10 from torchvision's layout (``<data_dir>/cifar-10-batches-py``) or, when that is
+    absent, from the JPEG ImageFolder archive ``<data_dir>/cifar10-jpg.tar.gz``, extracted once
+    into ``cache_dir`` (default ``~/.cache/lightning-prune``)."""
+
+    name, num_classes, input_shape = "CIFAR-10", 10, (3, 32, 32)
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    how_to_get = (
+        _TORCHVISION_HINT.format(cls="CIFAR10")
+        + f" Expected <data_dir>/cifar-10-batches-py or the JPEG archive <data_dir>/{CIFAR10_ARCHIVE}."
+    )
+
+    def __init__(self, *args: Any, cache_dir: str | os.PathLike | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        default_cache = Path(os.environ.get("LP_CACHE_DIR", Path.home() / ".cache" / "lightning-prune"))
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache
+
+    def extracted_archive(self) -> Path | None:
+        """The ImageFolder root extracted from the JPEG archive, or None when there is no archive."""
+        archive = self.data_dir / CIFAR10_ARCHIVE
+        if not archive.is_file():
+            return None
+        target = self.cache_dir / "cifar10-jpg"
+        done = target / ".extracted"
+        if not done.is_file() or done.read_text() != str(archive.stat().st_size):
+            target.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(archive) as tar:
+                tar.extractall(target, filter="data")
+            done.write_text(str(archive.stat().st_size))
+        root = target / "cifar10"
+        if not (root / "train").is_dir() or not (root / "test").is_dir():
+            raise self.missing(f"the archive {archive} has no cifar10/train and cifar10/test folders")
+        return root
+
+    def build(self, train: bool, transform: Callable) -> Dataset:
+        if not (self.data_dir / "cifar-10-batches-py").is_dir():
+            root = self.extracted_archive()
+            if root is not None:
+                return datasets.ImageFolder(str(root / ("train" if train else "test")), transform=transform)
+        return datasets.CIFAR10(str(self.data_dir), train=train, transform=transform, download=self.download)
+
+
+class CIFAR100DataModule(_CifarAugmentation, VisionDataModule):
+    name, num_classes, input_shape = "CIFAR-100", 100, (3, 32, 32)
+    mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+    how_to_get = _TORCHVISION_HINT.format(cls="CIFAR100") + " Expected <data_dir>/cifar-100-python."
+
+    def build(self, train: bool, transform: Callable) -> Dataset:
+        return datasets.CIFAR100(str(self.data_dir), train=train, transform=transform, download=self.download)
+
+
+class SVHNDataModule(VisionDataModule):
+    """SVHN digits (train and test splits; the 'extra' split is not used). Crops only, no flips."""
+
+    name, num_classes, input_shape = "SVHN", 10, (3, 32, 32)
+    mean, std = (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)
+    how_to_get = _TORCHVISION_HINT.format(cls="SVHN") + " Expected <data_dir>/svhn/train_32x32.mat and test_32x32.mat."
+
+    def train_augmentation(self) -> list[Callable]:
+        return [transforms.RandomCrop(32, padding=4)]
+
+    def build(self, train: bool, transform: Callable) -> Dataset:
+        return datasets.SVHN(
+            str(self.data_dir / "svhn"), split="train" if train else "test", transform=transform, download=self.download
+        )
+
+
+class ImageFolderDataModule(VisionDataModule):
+    """Any local dataset in ImageFolder layout: ``<data_dir>/train/<class>/*`` and
+    ``<data_dir>/<test_folder>/<class>/*``. Images are resized to ``image_size`` (square);
+    ``mean``/``std`` default to 0.5 per channel. Nothing is ever downloaded."""
+
+    name = "ImageFolder dataset"
+    how_to_get = "Put images in <data_dir>/train/<class>/ and <data_dir>/test/<class>/."
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike = "./data",
+        image_size: int = 32,
+        channels: int = 3,
+        test_folder: str = "test",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.get("download"):
+            raise ValueError("download: an ImageFolder dataset cannot be downloaded; set download=false")
+        super().__init__(data_dir, **kwargs)
+        _check_positive_int("image_size", image_size)
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+        self.image_size = image_size
+        self.channels = channels
+        self.test_folder = test_folder
+        self.mean = tuple(mean) if mean is not None else (0.5,) * channels
+        self.std = tuple(std) if std is not None else (0.5,) * channels
+        self.input_shape = (channels, image_size, image_size)
+        train_root = self.data_dir / "train"
+        if not train_root.is_dir():
+            raise self.missing("no train/ folder")
+        self.classes = sorted(p.name for p in train_root.iterdir() if p.is_dir())
+        if len(self.classes) < 2:
+            raise ValueError(f"data_dir must hold at least two class folders under train/, found {self.classes}")
+        self.num_classes = len(self.classes)
+
+    def _base(self) -> list[Callable]:
+        base: list[Callable] = [transforms.Resize((self.image_size, self.image_size))]
+        if self.channels == 1:
+            base.append(transforms.Grayscale(1))
+        return base
+
+    def eval_transform(self) -> Callable:
+        return transforms.Compose([*self._base(), transforms.ToTensor(), transforms.Normalize(self.mean, self.std)])
+
+    def train_transform(self) -> Callable:
+        aug = [transforms.RandomHorizontalFlip()] if self.augment else []
+        return transforms.Compose([*self._base(), *aug, transforms.ToTensor(), transforms.Normalize(self.mean, self.std)])
+
+    def build(self, train: bool, transform: Callable) -> Dataset:
+        folder = self.data_dir / ("train" if train else self.test_folder)
+        if not folder.is_dir():
+            raise self.missing(f"no {folder.name}/ folder")
+        ds = datasets.ImageFolder(str(folder), transform=transform)
+        if ds.classes != self.classes:
+            raise ValueError(f"data_dir: the class folders of {folder} differ from those of train/: {ds.classes} vs {self.classes}")
+        return ds
