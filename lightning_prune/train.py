@@ -14,7 +14,6 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_prune.configs import config_dir
@@ -76,7 +75,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             f"checkpoint     : {ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else 'none saved'}",
             f"output folder  : {Path(trainer.default_root_dir).resolve()}",
         ]
-        rank_zero_info("\n".join(lines))
+        print("\n".join(lines), flush=True)
     return metrics
 
 

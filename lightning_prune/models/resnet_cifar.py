@@ -3,7 +3,7 @@
 Shortcut: option B — identity where the shape is unchanged, a 1x1 convolution with BatchNorm
 (stride 2) where it changes. Option A (zero-padded identity) cannot have its channels pruned
 consistently with the residual stream, so pruning papers re-implement option B. It adds
-2,720 parameters to every depth (ResNet-20: 272,474; ResNet-56: 855,770 vs the published
+2,752 parameters to every depth (ResNet-20: 272,474 vs 269,722; ResNet-56: 855,770 vs 853,018, the published
 0.85M of option A).
 """
 

@@ -1,0 +1,217 @@
+"""Datamodules on real data (MNIST, the CIFAR-10 JPEG archive) and on generated tiny folders."""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from lightning_prune.data import (
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    DatasetNotFoundError,
+    FashionMNISTDataModule,
+    ImageFolderDataModule,
+    MNISTDataModule,
+    SVHNDataModule,
+)
+
+
+def first_batch(loader):
+    return next(iter(loader))
+
+
+def test_mnist_real_data_split_and_normalisation(data_dir):
+    dm = MNISTDataModule(data_dir, batch_size=500, val_size=5000, seed=3)
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.setup("test")
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (55_000, 5_000, 10_000)
+    x, y = first_batch(dm.train_dataloader())
+    assert x.shape == (500, 1, 28, 28) and y.dtype == torch.int64
+    # normalised with MNIST's statistics: mean ~0, std ~1 over a batch
+    assert abs(x.mean().item()) < 0.1 and abs(x.std().item() - 1.0) < 0.1
+    assert set(y.tolist()) <= set(range(10))
+    # train and validation never share images
+    assert not set(dm.train_set.indices) & set(dm.val_set.indices)
+
+
+def test_split_is_seeded_and_subset_keeps_that_many(data_dir):
+    a = MNISTDataModule(data_dir, val_size=100, subset=300, seed=1)
+    b = MNISTDataModule(data_dir, val_size=100, subset=300, seed=1)
+    c = MNISTDataModule(data_dir, val_size=100, subset=300, seed=2)
+    for dm in (a, b, c):
+        dm.setup("fit")
+    assert len(a.train_set) == 300 and len(a.val_set) == 100
+    assert a.train_set.indices == b.train_set.indices and a.val_set.indices == b.val_set.indices
+    assert a.train_set.indices != c.train_set.indices
+
+
+def test_cifar10_loads_from_the_jpeg_archive(data_dir, cache_dir):
+    dm = CIFAR10DataModule(data_dir, cache_dir=cache_dir, batch_size=64, val_size=5000, num_workers=0)
+    dm.prepare_data()
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (45_000, 5_000, 10_000)
+    assert (cache_dir / "cifar10-jpg" / "cifar10" / "train" / "airplane").is_dir()
+    x, y = first_batch(dm.val_dataloader())
+    assert x.shape == (64, 3, 32, 32)
+    # same class order as torchvision's CIFAR10
+    assert dm.test_set.classes == [
+        "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    ]
+    assert abs(x.mean().item()) < 0.3 and 0.7 < x.std().item() < 1.3
+
+
+def test_cifar_augmentation_is_pad4_crop_and_flip_on_train_only(data_dir, cache_dir):
+    dm = CIFAR10DataModule(data_dir, cache_dir=cache_dir, val_size=10, subset=20)
+    names = [type(t).__name__ for t in dm.train_transform().transforms]
+    assert names == ["RandomCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    assert dm.train_transform().transforms[0].padding == 4
+    assert [type(t).__name__ for t in dm.eval_transform().transforms] == ["ToTensor", "Normalize"]
+    dm.setup("fit")
+    raw = dm.val_set.dataset[dm.val_set.indices[0]][0]
+    again = dm.val_set.dataset[dm.val_set.indices[0]][0]
+    assert torch.equal(raw, again)  # evaluation is deterministic
+
+
+def test_missing_data_offline_names_the_folder_and_how_to_get_it(tmp_path):
+    dm = MNISTDataModule(tmp_path / "nothing-here")
+    with pytest.raises(DatasetNotFoundError) as err:
+        dm.prepare_data()
+    msg = str(err.value)
+    assert str((tmp_path / "nothing-here").resolve()) in msg
+    assert "download=true" in msg and "LP_DATA_DIR" in msg and "MNIST" in msg
+
+
+def test_failed_download_is_reported_the_same_way(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
+    dm = MNISTDataModule(tmp_path, download=True)
+    with pytest.raises(DatasetNotFoundError, match="download failed"):
+        dm.prepare_data()
+
+
+def test_cifar10_without_layout_or_archive_fails_clearly(tmp_path):
+    dm = CIFAR10DataModule(tmp_path, cache_dir=tmp_path / "cache")
+    with pytest.raises(DatasetNotFoundError, match="cifar10-jpg.tar.gz"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"batch_size": 0}, ValueError, "batch_size"),
+        ({"batch_size": 1.5}, TypeError, "batch_size"),
+        ({"subset": -1}, ValueError, "subset"),
+        ({"num_workers": -1}, ValueError, "num_workers"),
+        ({"data_dir": 3}, TypeError, "data_dir"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        MNISTDataModule(**kwargs)
+
+
+def test_val_size_larger_than_training_set(data_dir):
+    with pytest.raises(ValueError, match="val_size"):
+        MNISTDataModule(data_dir, val_size=60_000).setup("fit")
+
+
+# --- generated tiny copies of the datasets the shared folder does not have --------------------
+
+
+def write_idx(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    n, h, w = images.shape
+    (folder / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, h, w) + images.tobytes())
+    (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+
+
+def test_fashion_mnist_on_generated_idx_files(tmp_path):
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    write_idx(raw, "train", rng.integers(0, 256, (60, 28, 28), dtype=np.uint8), np.arange(60, dtype=np.uint8) % 10)
+    write_idx(raw, "t10k", rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), np.arange(20, dtype=np.uint8) % 10)
+    dm = FashionMNISTDataModule(tmp_path, batch_size=8, val_size=10)
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (50, 10, 20)
+    x, y = first_batch(dm.train_dataloader())
+    assert x.shape == (8, 1, 28, 28)
+
+
+def test_cifar100_on_generated_pickles(tmp_path, monkeypatch):
+    monkeypatch.setattr(torchvision.datasets.CIFAR100, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    root = tmp_path / "cifar-100-python"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 40), ("test", 12)):
+        with open(root / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "fine_labels": list(range(n))}, f)
+    with open(root / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)]}, f)
+    dm = CIFAR100DataModule(tmp_path, batch_size=4, val_size=8)
+    dm.setup()
+    assert dm.num_classes == 100
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (32, 8, 12)
+    assert first_batch(dm.train_dataloader())[0].shape == (4, 3, 32, 32)
+
+
+def test_svhn_on_generated_mat_files(tmp_path, monkeypatch):
+    import scipy.io
+
+    monkeypatch.setattr(torchvision.datasets.SVHN, "_check_integrity", lambda self: True)
+    root = tmp_path / "svhn"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("train_32x32.mat", 30), ("test_32x32.mat", 10)):
+        scipy.io.savemat(root / name, {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
+                                       "y": (np.arange(n) % 10 + 1).reshape(n, 1)})
+    dm = SVHNDataModule(tmp_path, batch_size=5, val_size=5)
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (25, 5, 10)
+    x, y = first_batch(dm.test_dataloader())
+    assert x.shape == (5, 3, 32, 32) and y.max() <= 9  # torchvision maps label 10 to digit 0
+
+
+def make_image_folder(root: Path, classes=("cat", "dog", "fish"), per_class=(6, 2)) -> None:
+    rng = np.random.default_rng(0)
+    for split, count in zip(("train", "test"), per_class):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+
+
+def test_image_folder_datamodule(tmp_path):
+    make_image_folder(tmp_path)
+    dm = ImageFolderDataModule(tmp_path, image_size=24, batch_size=4, val_size=3)
+    assert dm.num_classes == 3 and dm.input_shape == (3, 24, 24)
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (15, 3, 6)
+    x, y = first_batch(dm.train_dataloader())
+    assert x.shape == (4, 3, 24, 24)
+    gray = ImageFolderDataModule(tmp_path, image_size=16, channels=1, val_size=3, batch_size=2)
+    gray.setup("test")
+    assert first_batch(gray.test_dataloader())[0].shape == (2, 1, 16, 16)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="no train/ folder"):
+        ImageFolderDataModule(tmp_path)
+    make_image_folder(tmp_path)
+    with pytest.raises(ValueError, match="download"):
+        ImageFolderDataModule(tmp_path, download=True)
+    with pytest.raises(ValueError, match="channels"):
+        ImageFolderDataModule(tmp_path, channels=2)
+    with pytest.raises(DatasetNotFoundError, match="no val/ folder"):
+        ImageFolderDataModule(tmp_path, test_folder="val", val_size=3).setup("test")

@@ -1,0 +1,115 @@
+"""The Hydra entry point through the real configs: composition, a fast training run, a
+multirun with the basic launcher, and the installed wheel finding its configs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from lightning_prune.configs import config_dir
+from lightning_prune.train import run
+from tests.conftest import compose_train
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (config_dir() / "model").glob("*.yaml"))
+
+
+def test_configs_are_the_repositorys_conf_folder():
+    assert config_dir() == REPO / "conf"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_instantiates(experiment, tmp_path, data_dir):
+    cfg = compose_train([f"experiment={experiment}"], tmp_path)
+    assert cfg.task_name == experiment
+    datamodule = instantiate(cfg.data)
+    net = instantiate(cfg.model, num_classes=datamodule.num_classes)
+    assert isinstance(net, torch.nn.Module)
+    assert callable(instantiate(cfg.optimizer))
+    assert cfg.trainer.max_epochs >= 1
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_config_builds_a_network(model, tmp_path):
+    cfg = compose_train([f"model={model}"], tmp_path)
+    net = instantiate(cfg.model, num_classes=10)
+    assert sum(p.numel() for p in net.parameters()) > 0
+
+
+def test_fast_dev_run_through_the_real_configs(tmp_path, data_dir, capsys):
+    cfg = compose_train(
+        ["trainer.fast_dev_run=2", "data.subset=512", "data.batch_size=64", "data.eval_batch_size=256"], tmp_path
+    )
+    metrics = run(cfg)
+    assert {"test/acc", "val/acc", "macs", "params"} <= set(metrics)
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    assert metrics["macs"] == 2_293_000 and metrics["params"] == 431_080
+    out = capsys.readouterr().out + capsys.readouterr().err
+    assert "MACs / image   : 2,293,000" in out
+
+
+def test_training_learns_mnist(tmp_path, data_dir):
+    # One short epoch on 6000 images is enough for LeNet-5 to be far above chance.
+    cfg = compose_train(
+        ["trainer.max_epochs=1", "data.subset=6000", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
+         "callbacks=none", "logger=csv"],
+        tmp_path,
+    )
+    metrics = run(cfg)
+    assert metrics["test/acc"] > 0.9
+
+
+def _run_cli(args: list[str], cwd: Path, python: str = sys.executable) -> subprocess.CompletedProcess:
+    env = dict(os.environ, LP_LOG_DIR=str(cwd / "logs"))
+    return subprocess.run([python, "-m", "lightning_prune.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+FAST = ["trainer.fast_dev_run=1", "data.subset=256", "data.eval_batch_size=256", "callbacks=none", "test=false"]
+
+
+def test_two_job_multirun_with_the_basic_launcher(tmp_path, data_dir):
+    result = _run_cli(["-m", "optimizer.lr=0.001,0.002", *FAST], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweeps = list((tmp_path / "logs" / "train" / "multiruns").iterdir())
+    assert len(sweeps) == 1
+    jobs = sorted(p.name for p in sweeps[0].iterdir() if p.is_dir())
+    assert jobs == ["0", "1"]
+    lrs = sorted((sweeps[0] / j / ".hydra" / "overrides.yaml").read_text() for j in jobs)
+    assert "optimizer.lr=0.001" in lrs[0] and "optimizer.lr=0.002" in lrs[1]
+
+
+def test_wheel_installs_with_its_configs(tmp_path, data_dir):
+    """Build the wheel, install it (no deps) into a fresh virtualenv that sees this one's
+    dependencies, and run the entry point from an unrelated folder."""
+    dist = tmp_path / "dist"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist),
+                            str(REPO)], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-3000:]
+    wheel = next(dist.glob("lightning_prune-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next((venv / "lib").glob("python*/site-packages"))
+    # make this environment's dependencies visible, but not the editable lightning_prune
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    py = str(venv / "bin" / "python")
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", py, "install", "--no-deps", str(wheel)],
+                             capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr[-3000:]
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    where = subprocess.run([py, "-I", "-c", "import lightning_prune.configs as c; print(c.config_dir())"],
+                           cwd=work, capture_output=True, text=True)
+    assert where.returncode == 0, where.stderr[-3000:]
+    assert Path(where.stdout.strip()) == site / "lightning_prune" / "conf"
+    result = _run_cli(FAST, work, python=py)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MACs / image   : 2,293,000" in result.stdout + result.stderr
