@@ -1,5 +1,7 @@
-"""Costs of networks: measured on concrete modules (``count_cost``)."""
+"""Costs of networks: measured on concrete modules (``count_cost``) and modelled as a function
+of the channels each group keeps (``CostModel``: full, exact and expected cost)."""
 
 from lightning_prune.cost.measure import CostReport, LayerCost, count_cost
+from lightning_prune.cost.model import COSTS, CostModel
 
-__all__ = ["CostReport", "LayerCost", "count_cost"]
+__all__ = ["COSTS", "CostModel", "CostReport", "LayerCost", "count_cost"]

@@ -1,0 +1,229 @@
+"""The cost of a network as a function of the channels each group keeps.
+
+Three costs, all per input sample (the definitions of :func:`lightning_prune.count_cost`):
+
+- ``"volume"``: activation volume, the number of output elements of every convolution and
+  linear layer (``sum over feature maps of H x W``; ungated layers such as the head count
+  as constants);
+- ``"macs"``: multiply-accumulates of convolutions and linear layers (FLOPs = 2 x MACs);
+- ``"params"``: parameter elements, biases and batch-norm weights included.
+
+Every layer contributes ``a * cin * out + b * out`` (coefficients from
+:meth:`lightning_prune.graph.LayerInfo.coefficients`), where ``out`` and ``cin`` are a fixed
+part plus, for each group the layer belongs to, a weighted count of the kept channels
+(the weight is how many positions a channel occupies, e.g. ``H*W`` after a flatten). So:
+
+- :meth:`CostModel.full` is the cost of the unpruned network;
+- :meth:`CostModel.exact` evaluates the formula in integers for hard keep-masks: it equals
+  what ``count_cost`` measures on the physically shrunk network (the tests check this);
+- :meth:`CostModel.expected` evaluates it with open-probabilities instead of 0/1 masks,
+  differentiably. Volume and parameters of batch norms are linear in the probabilities, so
+  their expectation is exact; MACs and weights are bilinear in (kept inputs, kept outputs),
+  whose expectation is ``E[in] * E[out]`` for independent gates of different groups (a
+  layer whose input and output channels belong to the *same* group -- only a layer applied
+  to its own output -- would need ``E[in * out]``; this model uses ``E[in] * E[out]`` there);
+- :meth:`CostModel.channel_weights` gives each channel's marginal cost, the ``A_l`` of the
+  BAR sparsity loss (papers/001): for volume the ``H x W`` summed over the layers that output
+  the channel (constant), for MACs and parameters the derivative of the expected cost with
+  respect to the channel's open-probability (by default with every other channel kept).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from lightning_prune.graph import COSTS, ChannelGraph
+
+__all__ = ["CostModel", "COSTS"]
+
+
+def _check_cost(cost: str) -> str:
+    if cost not in COSTS:
+        raise ValueError(f"cost must be one of {', '.join(repr(c) for c in COSTS)}, got {cost!r}")
+    return cost
+
+
+class CostModel:
+    """Exact and expected cost of the networks obtainable by pruning ``graph``'s groups.
+
+    Args:
+        graph: the channel graph of the (possibly already shrunk) model.
+    """
+
+    def __init__(self, graph: ChannelGraph) -> None:
+        if not isinstance(graph, ChannelGraph):
+            raise TypeError(f"graph must be a ChannelGraph (from build_graph), got {type(graph).__name__}")
+        self.graph = graph
+        self.names = tuple(graph.groups)
+        self.sizes = tuple(g.size for g in graph.groups.values())
+        self.offsets = {}
+        start = 0
+        for name, size in zip(self.names, self.sizes):
+            self.offsets[name] = start
+            start += size
+        self.num_channels = start
+
+        layer_names = list(graph.layers)
+        row = {name: i for i, name in enumerate(layer_names)}
+        fixed_in = [graph.layers[n].cost_in for n in layer_names]
+        fixed_out = [graph.layers[n].out_channels for n in layer_names]
+        terms: dict[str, tuple[list[int], list[int], list[int]]] = {"in": ([], [], []), "out": ([], [], [])}
+        self._uniform: dict[str, bool] = {}
+        for name, group in graph.groups.items():
+            uniform = True
+            for member in group.members:
+                layer = graph.layers[member.module]
+                r = row[member.module]
+                per_channel = group.per_channel(member)
+                uniform &= bool((per_channel == per_channel[0]).all())
+                if member.role == "in":
+                    fixed_in[r] -= len(member.positions)
+                    side = "in"
+                else:  # "out", or "channel": batch norm / depthwise conv, whose cin is 1
+                    fixed_out[r] -= len(member.positions)
+                    side = "out"
+                    if member.role == "channel" and layer.kind == "conv" and not layer.depthwise:
+                        raise AssertionError(f"internal: channel role on a non-depthwise conv {member.module}")
+                rows, cols, weights = terms[side]
+                nz = torch.nonzero(per_channel).flatten()
+                rows += [r] * len(nz)
+                cols += (nz + self.offsets[name]).tolist()
+                weights += per_channel[nz].tolist()
+            self._uniform[name] = uniform
+        self._fixed = {"in": torch.tensor(fixed_in, dtype=torch.long), "out": torch.tensor(fixed_out, dtype=torch.long)}
+        self._terms = {side: tuple(torch.tensor(v, dtype=torch.long) for v in t) for side, t in terms.items()}
+        coef = {c: [graph.layers[n].coefficients(c) for n in layer_names] for c in COSTS}
+        self._a = {c: torch.tensor([ab[0] for ab in coef[c]], dtype=torch.long) for c in COSTS}
+        self._b = {c: torch.tensor([ab[1] for ab in coef[c]], dtype=torch.long) for c in COSTS}
+        self._constant = {"volume": 0, "macs": graph.untracked["macs"], "params": graph.untracked["params"]}
+        self._layer_names = tuple(layer_names)
+        self._cache: dict[tuple[torch.device, torch.dtype], dict] = {}
+
+    # -- internals ---------------------------------------------------------------------
+    def _tensors(self, device: torch.device, dtype: torch.dtype) -> dict:
+        key = (device, dtype)
+        if key not in self._cache:
+            self._cache[key] = {
+                "fixed": {s: t.to(device, dtype) for s, t in self._fixed.items()},
+                "rows": {s: t[0].to(device) for s, t in self._terms.items()},
+                "cols": {s: t[1].to(device) for s, t in self._terms.items()},
+                "w": {s: t[2].to(device, dtype) for s, t in self._terms.items()},
+                "a": {c: t.to(device, dtype) for c, t in self._a.items()},
+                "b": {c: t.to(device, dtype) for c, t in self._b.items()},
+            }
+        return self._cache[key]
+
+    def _counts(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        """(cin, out) of every layer for a flat vector of per-channel keep values."""
+        t = self._tensors(flat.device, flat.dtype)
+        counts = []
+        for side in ("in", "out"):
+            contrib = t["w"][side] * flat[t["cols"][side]]
+            counts.append(t["fixed"][side].index_add(0, t["rows"][side], contrib))
+        return counts[0], counts[1]
+
+    def _evaluate(self, flat: Tensor, cost: str) -> Tensor:
+        t = self._tensors(flat.device, flat.dtype)
+        cin, out = self._counts(flat)
+        return self._constant[cost] + (t["a"][cost] * cin * out + t["b"][cost] * out).sum()
+
+    def _flat_masks(self, masks: Mapping[str, Tensor | int]) -> Tensor:
+        if not isinstance(masks, Mapping):
+            raise TypeError(f"masks must be a mapping from group name to a keep-mask or keep-count, got {type(masks).__name__}")
+        counts = {k: v for k, v in masks.items() if isinstance(v, int) and not isinstance(v, bool)}
+        for name, k in counts.items():
+            if name not in self.graph.groups:
+                self.graph.check_masks({name: None})  # raises the unknown-group error
+            size = self.graph.groups[name].size
+            if not 0 <= k <= size:
+                raise ValueError(f"masks[{name!r}]: a keep-count must be in [0, {size}], got {k}")
+            if not self._uniform[name]:
+                raise ValueError(
+                    f"masks[{name!r}]: the channels of group {name!r} do not all cost the same; give a boolean mask"
+                )
+        as_masks = {n: v for n, v in masks.items() if n not in counts}
+        as_masks.update({n: torch.arange(self.graph.groups[n].size) < k for n, k in counts.items()})
+        full = self.graph.check_masks(as_masks, allow_empty=True)
+        return torch.cat([full[n].long() for n in self.names]) if self.names else torch.zeros(0, dtype=torch.long)
+
+    def _flat_probs(self, probs: Mapping[str, Tensor]) -> Tensor:
+        if not isinstance(probs, Mapping):
+            raise TypeError(f"probs must be a mapping from group name to a probability vector, got {type(probs).__name__}")
+        unknown = [n for n in probs if n not in self.offsets]
+        if unknown:
+            raise ValueError(f"probs: unknown channel group {unknown[0]!r}; groups: {', '.join(self.names)}")
+        ref = next((p for p in probs.values() if isinstance(p, Tensor)), None)
+        device = ref.device if ref is not None else torch.device("cpu")
+        parts = []
+        for name, size in zip(self.names, self.sizes):
+            p = probs.get(name)
+            if p is None:
+                parts.append(torch.ones(size, dtype=torch.float64, device=device))
+                continue
+            if not isinstance(p, Tensor) or not p.is_floating_point():
+                raise TypeError(f"probs[{name!r}] must be a floating-point tensor")
+            if p.shape != (size,):
+                raise ValueError(f"probs[{name!r}] must have shape ({size},), got {tuple(p.shape)}")
+            parts.append(p.to(device, torch.float64))
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+
+    # -- public ------------------------------------------------------------------------
+    def full(self, cost: str) -> int:
+        """Cost per sample of the unpruned network (an exact integer)."""
+        return self.exact({}, cost)
+
+    def exact(self, masks: Mapping[str, Tensor | int], cost: str) -> int:
+        """Exact cost per sample when every group keeps the channels of its mask.
+
+        ``masks``: ``{group name: bool mask (size,)}`` or ``{group name: keep-count}`` (a count
+        is allowed when the group's channels all cost the same); groups not given keep all
+        their channels. A group may keep zero channels here (it cannot be shrunk so far).
+        """
+        _check_cost(cost)
+        return int(self._evaluate(self._flat_masks(masks), cost).item())
+
+    def expected(self, probs: Mapping[str, Tensor], cost: str) -> Tensor:
+        """Expected cost per sample (float64 scalar, differentiable w.r.t. ``probs``) when channel
+        ``i`` of group ``g`` is kept with probability ``probs[g][i]`` independently of the
+        others; groups not given are kept."""
+        _check_cost(cost)
+        return self._evaluate(self._flat_probs(probs), cost)
+
+    def channel_weights(self, cost: str, probs: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Marginal cost of each channel: ``{group name: float64 tensor (size,)}``, the derivative
+        of :meth:`expected` w.r.t. each open-probability at ``probs`` (default: everything kept).
+        For ``"volume"`` it does not depend on ``probs``: the ``H x W`` (summed over calls) of
+        every layer that outputs the channel."""
+        _check_cost(cost)
+        flat = self._flat_probs({} if probs is None else {k: v.detach() for k, v in probs.items()}).requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(self._evaluate(flat, cost), flat, allow_unused=True)
+        if grad is None:
+            grad = torch.zeros_like(flat)
+        return {name: grad[self.offsets[name] : self.offsets[name] + size] for name, size in zip(self.names, self.sizes)}
+
+    def per_layer(self, masks: Mapping[str, Tensor | int], cost: str) -> dict[str, int]:
+        """Exact cost per sample of every convolution, linear and batch-norm layer under ``masks``."""
+        _check_cost(cost)
+        flat = self._flat_masks(masks)
+        t = self._tensors(flat.device, flat.dtype)
+        cin, out = self._counts(flat)
+        values = t["a"][cost] * cin * out + t["b"][cost] * out
+        return {name: int(v) for name, v in zip(self._layer_names, values.tolist())}
+
+    def kept_channels(self, masks: Mapping[str, Tensor | int]) -> dict[str, tuple[int, int]]:
+        """``{layer name: (in_channels, out_channels)}`` after applying ``masks``."""
+        flat = self._flat_masks(masks)
+        cin, out = self._counts(flat)
+        groups = {n: self.graph.layers[n].groups for n in self._layer_names}
+        result = {}
+        for name, ci, co in zip(self._layer_names, cin.tolist(), out.tolist()):
+            layer = self.graph.layers[name]
+            if layer.kind == "norm" or layer.depthwise:
+                result[name] = (co, co)
+            else:
+                result[name] = (ci * groups[name], co)
+        return result

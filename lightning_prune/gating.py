@@ -1,0 +1,275 @@
+"""Attach per-channel gates to the channel groups of a model, without editing its code.
+
+:func:`attach_gates` puts one gate (any :class:`lightning_prune.gates.ChannelGate`) on each
+chosen group and returns a :class:`GateSet`, an ``nn.Module`` holding the gates in a
+``ModuleDict`` keyed by group name. The GateSet is registered as a submodule of ``owner``
+(by default the gated model; pass the LightningModule so that its checkpoints save the gate
+parameters, its optimizer sees them and DDP synchronises their gradients).
+
+How the gates act (forward hooks, removed again by :meth:`GateSet.detach`):
+
+- one sample per forward pass: a forward pre-hook on the first gate site that runs (in the
+  order recorded when the graph was built) draws a fresh value from every gate; all sites of
+  a group then use that same value, so a residual stream gated at several layers sees one
+  mask. (This is robust to a LightningModule calling ``self.net(x)`` instead of ``self(x)``.)
+  In eval mode the gates return their deterministic value.
+- each site's output (see :class:`lightning_prune.graph.ChannelGroup` for where they are)
+  is multiplied channel-wise by its groups' values; a layer read by several groups (a batch
+  norm after a concatenation) gets each group's values at that group's positions. With 0/1
+  gates in eval mode the gated network computes exactly what the shrunk network computes.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from lightning_prune.gates import ChannelGate
+
+if TYPE_CHECKING:
+    from lightning_prune.graph import ChannelGraph, ChannelGroup
+
+__all__ = ["GateSet", "attach_gates", "attached_gates"]
+
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, GateSet] = weakref.WeakKeyDictionary()
+
+
+def attached_gates(model: nn.Module) -> GateSet | None:
+    """The :class:`GateSet` currently attached to ``model`` (the module its graph was built on), if any."""
+    return _ATTACHED.get(model)
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "/")  # ModuleDict keys cannot contain dots
+
+
+class GateSet(nn.Module):
+    """One gate per channel group, keyed by group name (``gates[name]``).
+
+    Args:
+        gates: ``{group name: ChannelGate}``.
+    """
+
+    def __init__(self, gates: Mapping[str, ChannelGate]) -> None:
+        super().__init__()
+        if not isinstance(gates, Mapping):
+            raise TypeError(f"gates must be a mapping from group name to a ChannelGate, got {type(gates).__name__}")
+        for name, gate in gates.items():
+            if not isinstance(name, str):
+                raise TypeError(f"gates: group names must be strings, got {type(name).__name__}")
+            if not isinstance(gate, ChannelGate):
+                raise TypeError(f"gates[{name!r}] must be a ChannelGate, got {type(gate).__name__}")
+        self.group_names: list[str] = list(gates)
+        self.gates = nn.ModuleDict({_key(n): g for n, g in gates.items()})
+        self._sample: dict[str, Tensor] | None = None
+        self._handles: list = []
+        self._model_ref: Callable[[], nn.Module | None] | None = None
+        self._owner_ref: Callable[[], nn.Module | None] | None = None
+        self._owner_name: str | None = None
+        self.graph: ChannelGraph | None = None
+
+    # -- mapping-like access ------------------------------------------------------------
+    def __getitem__(self, name: str) -> ChannelGate:
+        if name not in self.group_names:
+            raise KeyError(f"no gate for group {name!r}; gated groups: {', '.join(self.group_names)}")
+        return self.gates[_key(name)]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.group_names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.group_names)
+
+    def __len__(self) -> int:
+        return len(self.group_names)
+
+    def items(self) -> Iterator[tuple[str, ChannelGate]]:
+        for name in self.group_names:
+            yield name, self.gates[_key(name)]
+
+    # -- gate values --------------------------------------------------------------------
+    def sample(self) -> dict[str, Tensor]:
+        """``{group: gate()}``: a sample per gate in training mode, deterministic values in eval mode."""
+        return {name: gate() for name, gate in self.items()}
+
+    def open_probabilities(self) -> dict[str, Tensor]:
+        """``{group: gate.open_probability()}`` (differentiable), for the expected cost."""
+        return {name: gate.open_probability() for name, gate in self.items()}
+
+    def alive(self) -> dict[str, Tensor]:
+        """``{group: bool mask}`` of the channels kept if pruned now: the masks for ``shrink``."""
+        return {name: gate.alive().detach().bool() for name, gate in self.items()}
+
+    # -- attachment ---------------------------------------------------------------------
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The gated model, while attached."""
+        return self._model_ref() if self._model_ref is not None and self.attached else None
+
+    def _current(self) -> dict[str, Tensor]:
+        if self._sample is None:
+            self._sample = self.sample()
+        return self._sample
+
+    def _install(self, model: nn.Module, graph: ChannelGraph) -> None:
+        modules = dict(model.named_modules())
+        sites: dict[str, list[tuple[str, Tensor, Tensor, bool]]] = {}
+        for name in self.group_names:
+            group = graph.groups[name]
+            for member in group.members:
+                if member.module in group.gate_sites and member.role != "in":
+                    ident = member.positions == member.channels == tuple(range(group.size))
+                    ident = ident and graph.layers[member.module].out_channels == group.size
+                    pos = torch.tensor(member.positions, dtype=torch.long)
+                    chan = torch.tensor(member.channels, dtype=torch.long)
+                    sites.setdefault(member.module, []).append((name, pos, chan, ident))
+        if not sites:
+            return
+        ordered = [m for m in graph.execution_order if m in sites]
+        first = ordered[0] if ordered else next(iter(sites))
+
+        def resample(_module: nn.Module, _args: object) -> None:
+            self._sample = None
+
+        self._handles.append(modules[first].register_forward_pre_hook(resample))
+        for module_name, entries in sites.items():
+            layer = graph.layers[module_name]
+            self._handles.append(modules[module_name].register_forward_hook(self._make_hook(layer, entries)))
+
+    def _make_hook(self, layer, entries) -> Callable:
+        channels = layer.out_channels
+        channel_dim = -1 if layer.kind == "linear" else 1
+
+        def hook(_module: nn.Module, _args: object, out: Tensor) -> Tensor:
+            values = self._current()
+            if len(entries) == 1 and entries[0][3]:
+                mult = values[entries[0][0]]
+            else:
+                ref = values[entries[0][0]]
+                mult = torch.ones(channels, dtype=ref.dtype, device=ref.device)
+                for name, pos, chan, _ in entries:
+                    z = values[name]
+                    mult = mult.index_put((pos.to(z.device),), z[chan.to(z.device)])
+            shape = [1] * out.dim()
+            shape[channel_dim] = channels
+            return out * mult.to(device=out.device, dtype=out.dtype).view(shape)
+
+        return hook
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._sample = None
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Temporarily remove the hooks (e.g. to deep-copy the bare model); restored on exit."""
+        model, graph = self.model, self.graph
+        if model is None or graph is None:
+            yield
+            return
+        self._remove_hooks()
+        try:
+            yield
+        finally:
+            self._install(model, graph)
+
+    def detach(self) -> None:
+        """Remove the hooks and unregister this GateSet from its owner. The gates keep their values."""
+        model = self._model_ref() if self._model_ref is not None else None
+        self._remove_hooks()
+        if model is not None and _ATTACHED.get(model) is self:
+            del _ATTACHED[model]
+        owner = self._owner_ref() if self._owner_ref is not None else None
+        if owner is not None and self._owner_name is not None and getattr(owner, self._owner_name, None) is self:
+            delattr(owner, self._owner_name)
+        self._model_ref = self._owner_ref = None
+        self._owner_name = None
+
+    def extra_repr(self) -> str:
+        return f"groups={len(self.group_names)}, attached={self.attached}"
+
+
+GateFactory = Callable[["ChannelGroup"], ChannelGate]
+
+
+def attach_gates(
+    model: nn.Module,
+    graph: ChannelGraph,
+    gates: GateSet | Mapping[str, ChannelGate] | GateFactory,
+    *,
+    owner: nn.Module | None = None,
+    name: str = "prune_gates",
+) -> GateSet:
+    """Gate the channel groups of ``model`` and return the :class:`GateSet`.
+
+    Args:
+        model: the module ``graph`` was built on (or an identical copy).
+        graph: its :class:`~lightning_prune.graph.ChannelGraph`.
+        gates: a GateSet, ``{group name: gate}`` (a subset of the groups is allowed; ungated
+            groups keep every channel), or a factory called with each
+            :class:`~lightning_prune.graph.ChannelGroup`, e.g.
+            ``lambda group: HardConcreteGate(group.size)``.
+        owner: module to register the GateSet under as ``owner.<name>`` (default: ``model``);
+            pass the LightningModule so checkpoints, optimizers and DDP see the gates.
+        name: attribute name on ``owner``.
+    """
+    from lightning_prune.graph import ChannelGraph
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(graph, ChannelGraph):
+        raise TypeError(f"graph must be a ChannelGraph (from build_graph), got {type(graph).__name__}")
+    if owner is None:
+        owner = model
+    if not isinstance(owner, nn.Module):
+        raise TypeError(f"owner must be an nn.Module or None, got {type(owner).__name__}")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"name must be a valid attribute name, got {name!r}")
+    if hasattr(owner, name):
+        raise ValueError(f"name: {type(owner).__name__} already has an attribute {name!r}")
+    if attached_gates(model) is not None:
+        raise ValueError("model already has gates attached; detach them first (GateSet.detach())")
+    graph.check_model(model)
+    if isinstance(gates, GateSet):
+        gate_set = gates
+        if gate_set.attached:
+            raise ValueError("gates: this GateSet is already attached to a model")
+    elif isinstance(gates, Mapping):
+        gate_set = GateSet(gates)
+    elif callable(gates):
+        made = {}
+        for group in graph:
+            gate = gates(group)
+            if not isinstance(gate, ChannelGate):
+                raise TypeError(f"gates factory returned {type(gate).__name__} for group {group.name!r}, not a ChannelGate")
+            made[group.name] = gate
+        gate_set = GateSet(made)
+    else:
+        raise TypeError(f"gates must be a GateSet, a mapping or a factory, got {type(gates).__name__}")
+    for group_name, gate in gate_set.items():
+        if group_name not in graph.groups:
+            hint = f" (it is not pruned: {graph.excluded[group_name]})" if group_name in graph.excluded else ""
+            raise ValueError(f"gates: unknown channel group {group_name!r}{hint}")
+        if gate.num_channels != graph.groups[group_name].size:
+            raise ValueError(
+                f"gates[{group_name!r}] has {gate.num_channels} channels, group {group_name!r} has {graph.groups[group_name].size}"
+            )
+    owner.add_module(name, gate_set)
+    gate_set.graph = graph
+    gate_set._model_ref = weakref.ref(model)
+    gate_set._owner_ref = weakref.ref(owner)
+    gate_set._owner_name = name
+    gate_set._install(model, graph)
+    _ATTACHED[model] = gate_set
+    return gate_set
