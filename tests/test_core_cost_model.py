@@ -43,8 +43,12 @@ def test_exact_cost_equals_measurement_on_the_shrunk_model(name: str) -> None:
             sizes = (m.num_features,) * 2 if hasattr(m, "num_features") else (
                 (m.in_channels, m.out_channels) if hasattr(m, "in_channels") else (m.in_features, m.out_features))
             assert (cin, cout) == sizes, layer
-        # the graph returned by shrink describes the shrunk model: its full cost is the measurement
+        # the graph returned by shrink describes the shrunk model: its full cost is the measurement,
+        # and it is what tracing the shrunk model gives
         assert {c: CostModel(new_graph).full(c) for c in COSTS} == {c: report[c] for c in COSTS}
+        if seed == 1:
+            traced = build_graph(shrunk, x)
+            assert (new_graph.groups, new_graph.layers) == (traced.groups, traced.layers)
 
 
 def _tiny() -> tuple[nn.Module, CostModel]:

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from lightning_prune.classifier import ImageClassifier
-from lightning_prune.gates import ChannelGate, FixedMask, HardConcreteGate
+from lightning_prune.gates import ChannelGate, DirichletSwitch, FixedMask, HardConcreteGate
 from lightning_prune.gating import GateSet, attach_gates, attached_gates
 from lightning_prune.graph import build_graph
 from tests.core_zoo import one_thread, random_group_masks, zoo  # one_thread: autouse fixture
@@ -128,6 +128,28 @@ def test_detach_restores_the_ungated_model() -> None:
         torch.testing.assert_close(model(x), reference)
     assert not gates.attached and "prune_gates" not in dict(model.named_children())
     assert set(gates.alive()) == set(graph.names)  # the gates keep their values
+
+
+def test_all_three_gate_types_attach() -> None:
+    model, graph, shape = zoo("wrn16_4")
+    x = torch.randn(2, *shape[1:])
+    with torch.no_grad():
+        reference = model(x)
+        # a uniform Dirichlet switch multiplies by K * (1/K) = 1: the network is unchanged
+        gates = attach_gates(model, graph, lambda group: DirichletSwitch(group.size))
+        torch.testing.assert_close(model(x), reference)
+        gates.detach()
+        gates = attach_gates(model, graph, lambda group: FixedMask(torch.ones(group.size, dtype=torch.bool)))
+        torch.testing.assert_close(model(x), reference)
+        gates.detach()
+        hard = attach_gates(model, graph, lambda group: HardConcreteGate(group.size))
+        for _, gate in hard.items():
+            gate.log_alpha.fill_(-6.0)  # every gate closed
+        model.eval()
+        closed = model(x)
+        hard.detach()
+    # with every prunable channel closed only the head's bias is left
+    torch.testing.assert_close(closed, model.fc.bias.expand_as(closed))
 
 
 def test_open_probabilities_and_alive() -> None:

@@ -1,0 +1,141 @@
+"""Does removing channels make the network faster, in proportion to the MACs removed?
+
+For ResNet-20 and CIFAR VGG-16 (32x32 inputs), random keep-masks drop 50% and 75% of the
+channels of every prunable group; the network is shrunk with ``lightning_prune.shrink`` and
+the dense and shrunk forward passes (eval mode, no grad) are timed at batch 1 and 256.
+Reported: MAC ratio dense / shrunk (``count_cost`` on the shrunk model, which equals the
+cost model's exact count) against the latency ratio dense / shrunk (medians).
+
+Timing: ``torch.set_num_threads(--threads)``; warm-up runs, then ``--repeats`` rounds in which
+every variant of a model/batch is timed once, interleaved, so that load from other
+processes affects all variants alike; median per variant, and the relative spread
+(p75 - p25) / median to judge noise. The 1-minute load average is printed before and after.
+
+Usage: ``python benchmarks/shrink_speedup.py [--threads 1] [--repeats 7]``; prints a Markdown
+section to paste into ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from lightning_prune import build_graph, count_cost, random_masks, shrink
+from lightning_prune.models import CifarResNet, CifarVGG
+
+MODELS = {"ResNet-20": lambda: CifarResNet(20), "VGG-16": lambda: CifarVGG()}
+MASKED = (0.5, 0.75)  # fraction of each group's channels removed
+BATCHES = (1, 256)
+
+
+def _time_once(model: torch.nn.Module, x: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(x)
+    return time.perf_counter() - start
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def _quantile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=4)[{0.25: 0, 0.75: 2}[q]] if len(values) > 1 else values[0]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds at batch 256")
+    parser.add_argument("--repeats-batch1", type=int, default=101, help="timed rounds at batch 1 (cheap, noisier)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if min(args.threads, args.repeats, args.repeats_batch1) < 1 or args.warmup < 0:
+        parser.error("--threads, --repeats and --repeats-batch1 must be >= 1, --warmup >= 0")
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+    started = datetime.datetime.now().astimezone()
+    rows = []
+    for model_name, factory in MODELS.items():
+        torch.manual_seed(args.seed)
+        dense = factory().eval()
+        example = torch.zeros(1, 3, 32, 32)
+        graph = build_graph(dense, example)
+        dense_cost = count_cost(dense, example)
+        variants = {"dense": (dense, dense_cost)}
+        for fraction in MASKED:
+            masks = random_masks(graph, 1.0 - fraction, torch.Generator().manual_seed(args.seed))
+            small = copy.deepcopy(dense)
+            shrink(small, masks, graph=graph)
+            variants[f"{int(fraction * 100)}%"] = (small.eval(), count_cost(small, example))
+        for batch in BATCHES:
+            x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed))
+            times: dict[str, list[float]] = {name: [] for name in variants}
+            with torch.no_grad():
+                for _ in range(args.warmup):
+                    for model, _ in variants.values():
+                        model(x)
+                for _ in range(args.repeats_batch1 if batch == 1 else args.repeats):
+                    for name, (model, _) in variants.items():
+                        times[name].append(_time_once(model, x))
+            med = {name: statistics.median(t) for name, t in times.items()}
+            spread = {name: (_quantile(t, 0.75) - _quantile(t, 0.25)) / med[name] for name, t in times.items()}
+            for name in list(variants)[1:]:
+                cost = variants[name][1]
+                rows.append(
+                    (
+                        model_name,
+                        batch,
+                        name,
+                        dense_cost.macs,
+                        cost.macs,
+                        dense_cost.macs / cost.macs,
+                        med["dense"] * 1e3,
+                        med[name] * 1e3,
+                        med["dense"] / med[name],
+                        max(spread["dense"], spread[name]),
+                    )
+                )
+            print(f"done: {model_name} batch {batch}", file=sys.stderr, flush=True)
+    load_after = os.getloadavg()[0]
+
+    command = "python benchmarks/shrink_speedup.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print("## Shrink speedup\n")
+    print(f"- command: `{command.strip()}`")
+    print(f"- date: {started:%Y-%m-%d %H:%M %Z}")
+    print(
+        f"- machine: 2-core CPU, no GPU ({_cpu_name()}, {platform.system()}), "
+        f"torch {torch.__version__}, {args.threads} intra-op thread(s); interleaved rounds after {args.warmup} warm-up: "
+        f"{args.repeats_batch1} at batch 1, {args.repeats} at batch 256; medians"
+    )
+    print(f"- 1-minute load average: {load_before:.1f} before, {load_after:.1f} after (other jobs share the CPU)")
+    print(
+        "- masks: random, the same fraction of channels removed from every prunable group "
+        "(heads kept); MACs per image measured with `count_cost` on the shrunk network\n"
+    )
+    print("| model | batch | channels removed | MACs dense | MACs shrunk | MAC ratio | ms dense | ms shrunk | latency ratio | spread |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:,} | {r[4]:,} | {r[5]:.2f} | {r[6]:.2f} | {r[7]:.2f} | {r[8]:.2f} | {r[9]:.0%} |"
+        )
+    print("\nspread: the larger relative interquartile range, (p75 - p25) / median, of the two timings compared.")
+
+
+if __name__ == "__main__":
+    main()
