@@ -51,6 +51,10 @@ def _key(name: str) -> str:
 class GateSet(nn.Module):
     """One gate per channel group, keyed by group name (``gates[name]``).
 
+    A deep copy of a GateSet is detached. (A deep copy of a *gated model* keeps the forward
+    hooks, which still read the original GateSet: use :func:`lightning_prune.export` for a
+    standalone copy.)
+
     Args:
         gates: ``{group name: ChannelGate}``.
     """
@@ -72,6 +76,13 @@ class GateSet(nn.Module):
         self._owner_ref: Callable[[], nn.Module | None] | None = None
         self._owner_name: str | None = None
         self.graph: ChannelGraph | None = None
+
+    def __getstate__(self) -> dict:
+        # A copy (deepcopy, pickle) holds the same gate values but is not attached: hooks and
+        # the last sample (a non-leaf tensor, which deepcopy refuses) stay with the original.
+        state = super().__getstate__()
+        state.update(_sample=None, _handles=[], _model_ref=None, _owner_ref=None, _owner_name=None)
+        return state
 
     # -- mapping-like access ------------------------------------------------------------
     def __getitem__(self, name: str) -> ChannelGate:
@@ -148,6 +159,7 @@ class GateSet(nn.Module):
     def _make_hook(self, layer, entries) -> Callable:
         channels = layer.out_channels
         channel_dim = -1 if layer.kind == "linear" else 1
+        on_device: dict[torch.device, list[tuple[Tensor, Tensor]]] = {}  # index tensors, moved once
 
         def hook(_module: nn.Module, _args: object, out: Tensor) -> Tensor:
             values = self._current()
@@ -155,10 +167,11 @@ class GateSet(nn.Module):
                 mult = values[entries[0][0]]
             else:
                 ref = values[entries[0][0]]
+                if ref.device not in on_device:
+                    on_device[ref.device] = [(pos.to(ref.device), chan.to(ref.device)) for _, pos, chan, _ in entries]
                 mult = torch.ones(channels, dtype=ref.dtype, device=ref.device)
-                for name, pos, chan, _ in entries:
-                    z = values[name]
-                    mult = mult.index_put((pos.to(z.device),), z[chan.to(z.device)])
+                for (name, *_), (pos, chan) in zip(entries, on_device[ref.device]):
+                    mult = mult.index_put((pos,), values[name][chan])
             shape = [1] * out.dim()
             shape[channel_dim] = channels
             return out * mult.to(device=out.device, dtype=out.dtype).view(shape)

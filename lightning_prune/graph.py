@@ -113,6 +113,7 @@ class LayerInfo:
     params = ``kernel * cin * out_channels + bias * out_channels`` (conv, linear) or
     ``2 * out_channels`` (affine batch norm), volume = ``spatial * out_channels`` (conv,
     linear; 0 for batch norm) -- the same definitions as :func:`lightning_prune.count_cost`.
+    ``bias``: the layer has a bias (batch norm: it is affine, with a weight and a bias).
     """
 
     name: str

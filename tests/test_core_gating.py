@@ -107,6 +107,9 @@ def test_registered_under_a_lightning_module() -> None:
     module.eval()
     x = torch.randn(2, *shape[1:])
     torch.testing.assert_close(module(x), module(x))
+    copied = copy.deepcopy(module)  # after a training forward too: the last sample is not copied
+    assert isinstance(copied.prune_gates, GateSet) and not copied.prune_gates.attached
+    torch.testing.assert_close(copied.prune_gates["features.0"].log_alpha, gates["features.0"].log_alpha)
     gates.detach()
     assert not hasattr(module, "prune_gates") and attached_gates(net) is None
     assert not any(k.startswith("prune_gates.") for k in module.state_dict())
