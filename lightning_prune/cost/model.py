@@ -75,7 +75,6 @@ class CostModel:
         for name, group in graph.groups.items():
             uniform = True
             for member in group.members:
-                layer = graph.layers[member.module]
                 r = row[member.module]
                 per_channel = group.per_channel(member)
                 uniform &= bool((per_channel == per_channel[0]).all())
@@ -85,8 +84,6 @@ class CostModel:
                 else:  # "out", or "channel": batch norm / depthwise conv, whose cin is 1
                     fixed_out[r] -= len(member.positions)
                     side = "out"
-                    if member.role == "channel" and layer.kind == "conv" and not layer.depthwise:
-                        raise AssertionError(f"internal: channel role on a non-depthwise conv {member.module}")
                 rows, cols, weights = terms[side]
                 nz = torch.nonzero(per_channel).flatten()
                 rows += [r] * len(nz)
@@ -216,14 +213,9 @@ class CostModel:
 
     def kept_channels(self, masks: Mapping[str, Tensor | int]) -> dict[str, tuple[int, int]]:
         """``{layer name: (in_channels, out_channels)}`` after applying ``masks``."""
-        flat = self._flat_masks(masks)
-        cin, out = self._counts(flat)
-        groups = {n: self.graph.layers[n].groups for n in self._layer_names}
+        cin, out = self._counts(self._flat_masks(masks))
         result = {}
         for name, ci, co in zip(self._layer_names, cin.tolist(), out.tolist()):
             layer = self.graph.layers[name]
-            if layer.kind == "norm" or layer.depthwise:
-                result[name] = (co, co)
-            else:
-                result[name] = (ci * groups[name], co)
+            result[name] = (co, co) if layer.kind == "norm" or layer.depthwise else (ci * layer.groups, co)
         return result
