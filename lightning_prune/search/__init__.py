@@ -4,7 +4,8 @@ Plain Python + numpy/torch, no Hydra: the score (:mod:`.score`), the search spac
 box (:mod:`.space`), boundary characterisation (:mod:`.boundary`), Algorithm 1
 (:mod:`.loop`), the samplers (:mod:`.samplers`), the whole search as one ask/tell object
 (:mod:`.pipeline`), the Gaussian reconstruction of §VI (:mod:`.reconstruction`) and reports
-(:mod:`.report`). ``hydra_plugins/adans_sweeper`` drives :class:`CompressionSearch` through
+(:mod:`.report`), the compression spaces of Appendix A (:mod:`.spaces`) and the candidate
+job (:mod:`.job`, entry point :mod:`.evaluate`). ``hydra_plugins/adans_sweeper`` drives :class:`CompressionSearch` through
 any Hydra launcher.
 """
 
@@ -24,16 +25,19 @@ from lightning_prune.search.samplers import (
 )
 from lightning_prune.search.score import Scorer, accuracy_penalty, score
 from lightning_prune.search.space import Box, Dimension, SearchSpace, integer_setting
+from lightning_prune.search.spaces import KINDS, CompressionSpace, sparse_cost
 
 __all__ = [
     "AdaNS",
     "BoundaryCharacterization",
     "Box",
     "CompressionSearch",
+    "CompressionSpace",
     "Dimension",
     "GaussianReconstruction",
     "GaussianSampler",
     "GeneticSampler",
+    "KINDS",
     "SAMPLERS",
     "Sampler",
     "Scorer",
@@ -48,5 +52,6 @@ __all__ = [
     "proximity",
     "reconstruction_error",
     "score",
+    "sparse_cost",
     "summary",
 ]

@@ -1,0 +1,209 @@
+"""The AdaNS candidate job: evaluate a compression vector x of a trained model.
+
+:func:`run` is the task function behind ``python -m lightning_prune.search.evaluate`` (config
+``conf/adans.yaml``). With ``search.mode=evaluate`` it returns
+``{"accuracy": percent on the held-out images, "cost": predicted cost, "base_cost": ...}``,
+which the ``adans`` sweeper turns into the score; with ``search.mode=final`` it builds the
+real compressed model, measures its cost, evaluates it (held-out images, test set), optionally
+fine-tunes it and saves it.
+
+Everything expensive (loading the data, the weights, building the channel graph, ranking
+channels, caching SVD factors) happens once per process and is kept in a module-level cache:
+with the basic launcher every job of a sweep reuses it, and with joblib every worker process
+does; each candidate then costs one pass over the held-out images with masks and weights
+set in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from lightning_prune.cost import count_cost
+from lightning_prune.search.space import SearchSpace
+from lightning_prune.search.spaces import CompressionSpace, sparse_cost
+
+MODES = ("evaluate", "final")
+_CACHE: dict[str, Evaluator] = {}
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, prefix: str = "net.") -> nn.Module:
+    """Load a Lightning checkpoint (``state_dict`` with keys ``<prefix>...``) or a plain state
+    dict file into ``model`` (strictly)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"search.checkpoint: no file {path.resolve()}; train a model first "
+                                "(python -m lightning_prune.train ...) and point search.checkpoint at its checkpoint")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    state = payload.get("state_dict", payload) if isinstance(payload, dict) else payload
+    if not isinstance(state, dict):
+        raise ValueError(f"search.checkpoint: {path} holds no state dict")
+    if prefix and any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    model.load_state_dict(state)
+    return model
+
+
+def _build_model(model_cfg: DictConfig, num_classes: int) -> nn.Module:
+    return instantiate(model_cfg, num_classes=num_classes)
+
+
+def search_space(model: DictConfig, data: DictConfig, kind: str = "structured", cost: str = "macs") -> SearchSpace:
+    """The search space (dimensions and cost predictor) of ``kind`` for the architecture of the
+    ``model`` config; no weights or data are loaded (the datamodule only says the number of
+    classes and the input shape). The ``adans`` sweeper builds it from ``search.space``."""
+    datamodule = instantiate(data)
+    net = _build_model(model, datamodule.num_classes)
+    return CompressionSpace(net, torch.zeros(1, *datamodule.input_shape), kind, cost).search_space
+
+
+class Evaluator:
+    """A loaded model, its held-out images and its compression space (built once per process)."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        s = cfg.search
+        for key in ("eval_size", "rank_size", "batch_size"):
+            if not isinstance(s[key], int) or s[key] < (0 if key == "rank_size" else 1):
+                raise ValueError(f"search.{key} must be a {'non-negative' if key == 'rank_size' else 'positive'} int, "
+                                 f"got {s[key]!r}")
+        self.datamodule = instantiate(cfg.data)
+        self.datamodule.setup("fit")
+        held_out = self.datamodule.val_set
+        need = s.eval_size + s.rank_size
+        if held_out is None or len(held_out) < need:
+            raise ValueError(f"search.eval_size + search.rank_size = {need} images are needed from the held-out part of "
+                             f"the training set, which has {0 if held_out is None else len(held_out)} (data.val_size)")
+        images = [held_out[i] for i in range(need)]
+        inputs = torch.stack([img for img, _ in images])
+        targets = torch.tensor([int(t) for _, t in images])
+        self.inputs, self.targets = inputs[: s.eval_size], targets[: s.eval_size]
+        self.batch_size = s.batch_size
+        self.model = _build_model(cfg.model, self.datamodule.num_classes)
+        if s.checkpoint is None:
+            raise ValueError("search.checkpoint must point at the trained model to compress")
+        load_weights(self.model, s.checkpoint, s.checkpoint_prefix or "")
+        self.model.eval()
+        self.space = CompressionSpace(self.model, torch.zeros(1, *self.datamodule.input_shape), s.kind, s.cost)
+        if self.space.structured:
+            if s.rank_size == 0:
+                raise ValueError("search.rank_size must be positive for structured pruning (channels are ranked on "
+                                 "those held-out images)")
+            rank_x, rank_y = inputs[s.eval_size :], targets[s.eval_size :]
+            self.space.rank_channels(
+                [(rank_x[i : i + s.batch_size], rank_y[i : i + s.batch_size]) for i in range(0, len(rank_x), s.batch_size)]
+            )
+        self.base_cost = self.space.base_cost
+
+    def evaluate(self, x: Any) -> dict[str, float]:
+        """Accuracy (percent, held-out images) and predicted cost of candidate ``x``."""
+        accuracy = self.space.accuracy(x, self.inputs, self.targets, self.batch_size)
+        return {"accuracy": accuracy, "cost": float(self.space.predict_cost(x)), "base_cost": float(self.base_cost)}
+
+
+def evaluator(cfg: DictConfig) -> Evaluator:
+    """The cached :class:`Evaluator` for this config (everything but ``search.x`` / ``search.mode``)."""
+    key_cfg = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "model", "search")}
+    for k in ("x", "mode", "final"):
+        key_cfg["search"].pop(k, None)
+    key = json.dumps(key_cfg, sort_keys=True, default=str)
+    if key not in _CACHE:
+        _CACHE.clear()  # one model per process
+        _CACHE[key] = Evaluator(cfg)
+    return _CACHE[key]
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, loader: Any) -> float:
+    model.eval()
+    correct = total = 0
+    for inputs, targets in loader:
+        correct += int((model(inputs).argmax(-1) == targets).sum())
+        total += len(targets)
+    return 100.0 * correct / total
+
+
+def final(cfg: DictConfig, ev: Evaluator, x: Any, output_dir: Path) -> dict[str, Any]:
+    """Build, measure, evaluate, optionally fine-tune and save the compressed model ``x``."""
+    s = cfg.search
+    started = time.perf_counter()
+    masked_accuracy = ev.space.accuracy(x, ev.inputs, ev.targets, ev.batch_size)
+    model = ev.space.compress(x)
+    example = ev.space.example_input
+    measured = sparse_cost(model, example) if ev.space.unstructured else count_cost(model, example)
+    measured_cost = measured[ev.space.cost]
+    with torch.no_grad():
+        logits = torch.cat([model(ev.inputs[i : i + ev.batch_size]) for i in range(0, len(ev.inputs), ev.batch_size)])
+    out: dict[str, Any] = {
+        "accuracy": 100.0 * int((logits.argmax(-1) == ev.targets).sum()) / len(ev.targets),
+        "masked_accuracy": masked_accuracy,
+        "cost": float(ev.space.predict_cost(x)),
+        "measured_cost": float(measured_cost),
+        "base_cost": float(ev.base_cost),
+        "cost_fraction": float(measured_cost) / float(ev.base_cost),
+    }
+    if s.final.test:
+        ev.datamodule.setup("test")
+        out["test_accuracy"] = _accuracy(model, ev.datamodule.test_dataloader())
+    if s.final.finetune_epochs:
+        import lightning as L
+
+        module = instantiate(s.final.module, net=model, num_classes=ev.datamodule.num_classes,
+                             optimizer=instantiate(s.final.optimizer))
+        trainer = L.Trainer(max_epochs=s.final.finetune_epochs, accelerator="cpu", devices=1, logger=False,
+                            enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(output_dir))
+        trainer.fit(module, datamodule=ev.datamodule)
+        model = module.net
+        out["finetune_epochs"] = int(s.final.finetune_epochs)
+        if s.final.test:
+            out["finetuned_test_accuracy"] = _accuracy(model, ev.datamodule.test_dataloader())
+    path = output_dir / "compressed.pt"
+    torch.save({"format": "lightning-prune-adans", "kind": ev.space.kind, "cost": ev.space.cost,
+                "x": [float(v) for v in ev.space.search_space.check(x)], "state_dict": model.state_dict()}, path)
+    out["path"] = str(path)
+    out["seconds"] = time.perf_counter() - started
+    return out
+
+
+def load_compressed(path: str | os.PathLike, model: nn.Module, example_input: Tensor) -> nn.Module:
+    """Rebuild a model saved by the final AdaNS job: ``model`` is a fresh instance of the
+    original architecture; the compressed architecture depends only on ``x`` (how many channels,
+    which ranks), so it is rebuilt and the saved weights are loaded into it."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != "lightning-prune-adans":
+        raise ValueError(f"{os.fspath(path)!r} was not written by the final AdaNS job")
+    space = CompressionSpace(model, example_input, payload["kind"], payload["cost"])
+    if space.structured:
+        space.importance = {g: torch.zeros(space.graph.groups[g].size) for g in space.groups}
+    compressed = space.compress(payload["x"])
+    compressed.load_state_dict(payload["state_dict"])
+    return compressed.eval()
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """The task function: evaluate ``search.x`` (or build the final model) as ``search.mode`` says."""
+    mode = cfg.search.mode
+    if mode not in MODES:
+        raise ValueError(f"search.mode must be one of {MODES}, got {mode!r}")
+    if cfg.search.x is None:
+        raise ValueError("search.x is not set: run this task under the adans sweeper "
+                         "(-m hparams_search=adans_...) or pass search.x=[...]")
+    if cfg.get("seed") is not None:
+        torch.manual_seed(cfg.seed)
+    if cfg.search.get("threads"):
+        torch.set_num_threads(int(cfg.search.threads))
+    ev = evaluator(cfg)
+    x = ev.space.search_space.check(list(cfg.search.x), "search.x")
+    if mode == "evaluate":
+        return ev.evaluate(x)
+    from hydra.core.hydra_config import HydraConfig
+
+    output_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
+    return final(cfg, ev, x, output_dir)
