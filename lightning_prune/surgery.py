@@ -9,8 +9,9 @@ construction (and are tested).
 
 Why not ``Group.prune()`` of Torch-Pruning directly: it needs a live, traced dependency graph
 (tracing again after every shrink), and it replaces every pruned ``nn.Parameter`` by a new
-object, which silently detaches the parameters from any optimizer. Here each parameter keeps
-its identity (its ``.data`` is replaced) and the optimizer's per-parameter state
+object, which silently detaches the parameters from any optimizer. Here every pruned parameter
+becomes a new leaf tensor that takes the old one's place in the module *and* in the given
+optimizers' parameter groups, and the optimizer's per-parameter state
 (``momentum_buffer``, ``exp_avg``, ``exp_avg_sq``, ... -- every state tensor shaped like the
 parameter) is sliced with the same indices, so training continues where it was.
 
@@ -184,25 +185,33 @@ def shrink(
         _HANDLERS[(graph.layers[module_name].kind, role)](modules[module_name], positions)
 
     states = [opt.state for opt in optimizers]
+    replaced: dict[int, nn.Parameter] = {}
     for module_name, entries in plan.items():
         module = modules[module_name]
         for pname, old, dims in entries:
-            new = getattr(module, pname)
-            old_shape = old.shape
-            if new is not old:  # Torch-Pruning made a new Parameter: keep the old object
-                old.data = new.data
-                old.grad = new.grad
-                setattr(module, pname, old)
+            pruned = getattr(module, pname)
+            # A new leaf: autograd keeps per-parameter metadata (the shape) in its gradient
+            # accumulator, which any graph still alive from before the shrink would reuse.
+            fresh = nn.Parameter(pruned.detach(), requires_grad=old.requires_grad)
+            if pruned.grad is not None and pruned.grad.shape == fresh.shape:
+                fresh.grad = pruned.grad.detach()
+            setattr(module, pname, fresh)
+            replaced[id(old)] = fresh
             for state in states:
                 if old not in state:
                     continue
-                for key, value in list(state[old].items()):
-                    if isinstance(value, Tensor) and value.shape == old_shape and value.dim() > 0:
+                sliced = {}
+                for key, value in state.pop(old).items():
+                    if isinstance(value, Tensor) and value.shape == old.shape and value.dim() > 0:
                         for dim, index in dims.items():
                             value = value.index_select(dim, index.to(value.device))
-                        if value.shape != old.shape:
+                        if value.shape != fresh.shape:
                             raise RuntimeError(f"internal: optimizer state {key!r} of {module_name}.{pname} mis-sliced")
-                        state[old][key] = value
+                    sliced[key] = value
+                state[fresh] = sliced
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["params"] = [replaced.get(id(p), p) for p in group["params"]]
 
     new_graph = graph.shrunk(masks)
     new_graph.check_model(model)
