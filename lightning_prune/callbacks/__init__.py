@@ -1,0 +1,8 @@
+"""Lightning callbacks that prune any LightningModule under a budget."""
+
+from lightning_prune.callbacks.annealing import SigmoidalBudgetAnnealing
+from lightning_prune.callbacks.bar import BudgetAwareRegularization
+from lightning_prune.callbacks.gated import GatedPruning
+from lightning_prune.callbacks.hard_pruning import HardPruning
+
+__all__ = ["BudgetAwareRegularization", "GatedPruning", "HardPruning", "SigmoidalBudgetAnnealing"]

@@ -1,0 +1,55 @@
+"""Small LightningModules and data for the pruning-callback tests."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class TinyCNN(nn.Module):
+    """conv 8 (-> BN) -> pool -> conv 12 -> global pool -> linear 4, for 1x8x8 inputs."""
+
+    def __init__(self, batch_norm: bool = True) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8) if batch_norm else nn.Identity()
+        self.conv2 = nn.Conv2d(8, 12, 3, padding=1)
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.relu(self.conv2(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class ForeignModule(L.LightningModule):
+    """Written unlike ImageClassifier: its own attribute names, a dict from training_step,
+    its own SGD + StepLR, no forward() and no example_input_array."""
+
+    def __init__(self, lr: float = 0.05, batch_norm: bool = True) -> None:
+        super().__init__()
+        self.backbone_and_head = TinyCNN(batch_norm)
+        self.lr = lr
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        scores = self.backbone_and_head(images)
+        return {"loss": F.cross_entropy(scores, labels), "n": len(labels)}
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.backbone_and_head.parameters(), lr=self.lr, momentum=0.9)
+        return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)]
+
+
+def tiny_data(n: int = 128, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    y = (x[:, 0, :4].mean(dim=(1, 2)) > 0).long() + 2 * (x[:, 0, 4:].mean(dim=(1, 2)) > 0).long()
+    return TensorDataset(x, y)
+
+
+def tiny_loader(batch_size: int = 32, n: int = 128, shuffle: bool = False) -> DataLoader:
+    return DataLoader(tiny_data(n), batch_size=batch_size, shuffle=shuffle)
