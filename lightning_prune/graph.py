@@ -486,12 +486,12 @@ def build_graph(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     # Imported here: lightning_prune.cost.model and lightning_prune.gating import this module.
-    from lightning_prune.cost.measure import _check_example, count_cost
+    from lightning_prune.cost.measure import check_example, count_cost
     from lightning_prune.gating import attached_gates
 
     if attached_gates(model) is not None:
         raise ValueError("model has gates attached; detach them (GateSet.detach()) before building its channel graph")
-    inputs = _check_example(example_input)
+    inputs = check_example(example_input)
     names = {m: n for n, m in model.named_modules()}
     if not any(_layer_kind(m) in ("conv", "linear") for m in names):
         raise ValueError(f"{type(model).__name__} has nothing prunable (it has no convolution or linear layer)")

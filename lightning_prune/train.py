@@ -6,6 +6,7 @@ metric named by ``optimized_metric`` so that Hydra sweepers can optimise it.
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_prune.configs import config_dir
 from lightning_prune.cost import count_cost
+from lightning_prune.cost.measure import output_widths
+from lightning_prune.export import export, save_pruned
+from lightning_prune.timing import median_latency
 
 
 def _instantiate_dict(section: DictConfig | None) -> list[Any]:
@@ -38,45 +42,64 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
     )
-    trainer = instantiate(
-        cfg.trainer, callbacks=_instantiate_dict(cfg.get("callbacks")), logger=_instantiate_dict(cfg.get("logger")) or False
-    )
+    callbacks = _instantiate_dict(cfg.get("callbacks")) + _instantiate_dict(cfg.get("pruning"))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_instantiate_dict(cfg.get("logger")) or False)
     return datamodule, module, trainer
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Train (and test) as the config says; return the final metrics as floats."""
+    """Train (and test) as the config says; return the final metrics as floats (plus ``macs``
+    and ``params`` of the final network). With a pruning method configured, the pruned
+    network is exported to ``<output_dir>/pruned_model.pt`` (``lightning_prune.load_pruned``)."""
     start = time.perf_counter()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule, module, trainer = build(cfg)
+    example = torch.zeros(1, *datamodule.input_shape)
+    dense = copy.deepcopy(module.net).cpu() if cfg.get("pruning") else None
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test"):
         ckpt = "best" if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path else None
         trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-    cost = count_cost(module, torch.zeros(1, *datamodule.input_shape))
+    final = export(module) if dense is not None else module.net
+    final = final.cpu()
+    cost = count_cost(final, example)
     metrics.update(macs=float(cost.macs), params=float(cost.params))
-    if trainer.is_global_zero:
-        ckpt_cb = trainer.checkpoint_callback
-        lines = [
-            "",
-            "=== lightning-prune report ===",
-            f"model          : {type(module.net).__name__ if hasattr(module, 'net') else type(module).__name__}"
-            f" on {getattr(datamodule, 'name', type(datamodule).__name__)}",
-        ]
-        if "test/acc" in metrics:
-            lines.append(f"test accuracy  : {100 * metrics['test/acc']:.2f}%  (error {100 * (1 - metrics['test/acc']):.2f}%)")
+    if not trainer.is_global_zero:
+        return metrics
+    out_dir = Path(trainer.default_root_dir).resolve()
+    lines = ["", "=== lightning-prune report ===", f"model          : {type(final).__name__} on {getattr(datamodule, 'name', '')}"]
+    if "test/acc" in metrics:
+        lines.append(f"test accuracy  : {100 * metrics['test/acc']:.2f}%  (error {100 * (1 - metrics['test/acc']):.2f}%)")
+    if dense is not None:
+        before = count_cost(dense, example)
+        path = out_dir / "pruned_model.pt"
+        save_pruned(final, path, architecture={"_target_": cfg.model._target_, **_kwargs(cfg.model), "num_classes": datamodule.num_classes})
+        latency = median_latency({"dense": dense, "pruned": final}, torch.zeros(1, *datamodule.input_shape))
+        widths = [f"{n} {w}" for n, w in output_widths(final).items()]
         lines += [
-            f"MACs / image   : {cost.macs:,}",
-            f"parameters     : {cost.params:,}",
-            f"wall time      : {time.perf_counter() - start:.1f} s",
-            f"checkpoint     : {ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else 'none saved'}",
-            f"output folder  : {Path(trainer.default_root_dir).resolve()}",
+            f"MACs / image   : {before.macs:,} -> {cost.macs:,}  ({before.macs / max(cost.macs, 1):.1f}x fewer)",
+            f"parameters     : {before.params:,} -> {cost.params:,}",
+            f"widths         : {', '.join(widths)}",
+            f"CPU speedup    : {latency['dense'] / latency['pruned']:.2f}x  (batch 1, dense / pruned median latency, one run)",
+            f"pruned model   : {path}  (lightning_prune.load_pruned)",
         ]
-        print("\n".join(lines), flush=True)
+    else:
+        lines += [f"MACs / image   : {cost.macs:,}", f"parameters     : {cost.params:,}"]
+    ckpt_cb = trainer.checkpoint_callback
+    lines += [
+        f"wall time      : {time.perf_counter() - start:.1f} s",
+        f"checkpoint     : {ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else 'none saved'}",
+        f"output folder  : {out_dir}",
+    ]
+    print("\n".join(lines), flush=True)
     return metrics
+
+
+def _kwargs(node: DictConfig) -> dict[str, Any]:
+    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not k.startswith("_")}
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")

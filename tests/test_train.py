@@ -46,7 +46,8 @@ def test_every_model_config_builds_a_network(model, tmp_path):
 
 def test_fast_dev_run_through_the_real_configs(tmp_path, data_dir, capsys):
     cfg = compose_train(
-        ["trainer.fast_dev_run=2", "data.subset=512", "data.batch_size=64", "data.eval_batch_size=256"], tmp_path
+        ["experiment=lenet5_mnist", "trainer.fast_dev_run=2", "data.subset=512", "data.batch_size=64",
+         "data.eval_batch_size=256"], tmp_path
     )
     metrics = run(cfg)
     assert {"test/acc", "val/acc", "macs", "params"} <= set(metrics)
@@ -59,12 +60,29 @@ def test_fast_dev_run_through_the_real_configs(tmp_path, data_dir, capsys):
 def test_training_learns_mnist(tmp_path, data_dir):
     # One short epoch on 6000 images is enough for LeNet-5 to be far above chance.
     cfg = compose_train(
-        ["trainer.max_epochs=1", "data.subset=6000", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
+        ["experiment=lenet5_mnist", "trainer.max_epochs=1", "data.subset=6000", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
          "callbacks=none", "logger=csv"],
         tmp_path,
     )
     metrics = run(cfg)
     assert metrics["test/acc"] > 0.9
+
+
+def test_main_job_prunes_lenet5_to_the_mac_budget_and_exports_it(tmp_path, data_dir, capsys):
+    """The main job (no experiment override), shortened: BAR, hard pruning, fine-tuning."""
+    from lightning_prune import count_cost, load_pruned
+
+    cfg = compose_train(
+        ["pruning.soft_epochs=1", "trainer.max_epochs=2", "scheduler.milestones=[1]", "data.subset=1024",
+         "trainer.limit_val_batches=1", "trainer.limit_test_batches=2", "data.eval_batch_size=256"], tmp_path
+    )
+    assert cfg.task_name == "bar_lenet5_mnist" and cfg.budget.factor == 16 and cfg.budget.cost == "macs"
+    metrics = run(cfg)
+    assert metrics["macs"] <= 2_293_000 / 16
+    out = capsys.readouterr().out
+    assert "MACs / image   : 2,293,000 -> " in out and "CPU speedup" in out and "widths" in out
+    pruned = load_pruned(tmp_path / "pruned_model.pt")
+    assert count_cost(pruned, torch.zeros(1, 1, 28, 28)).macs == metrics["macs"]
 
 
 def _run_cli(args: list[str], cwd: Path, python: str = sys.executable) -> subprocess.CompletedProcess:

@@ -60,7 +60,10 @@ class BudgetAwareRegularization(GatedPruning):
     Args:
         budget, factor, cost, gate_lr, module, example_input, ignore, verbose: see
             :class:`~lightning_prune.callbacks.gated.GatedPruning`.
-        lambda_: weight of the penalty.
+        lambda_: weight of the penalty. With Adam on the gates, a penalty much larger than the
+            data loss's gradient moves every gate down at the same speed and closes them all at
+            once; 0.01 keeps the two comparable (on LeNet-5 / MNIST the alive cost then follows
+            the annealed budget, see benchmarks/RESULTS.md).
         margin: ``a = (1 - margin) * B``; in (0, 1).
         distillation: learn from a frozen copy of the network taken at fit start:
             the user's loss gradient is blended with ``T^2 KL(teacher || student)``
@@ -73,12 +76,12 @@ class BudgetAwareRegularization(GatedPruning):
         budget: float | None = None,
         factor: float | None = None,
         cost: str = "volume",
-        lambda_: float = 1.0,
+        lambda_: float = 0.01,
         margin: float = 0.05,
         distillation: bool = False,
         temperature: float = 4.0,
         alpha: float = 0.9,
-        gate_lr: float = 0.05,
+        gate_lr: float = 0.02,
         module: str | None = None,
         example_input: Any = None,
         ignore: Sequence[str] = (),

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from lightning_prune.allocation import minimum_cost
 from lightning_prune.budget import finite_real, resolve_budget
 from lightning_prune.cost import CostReport, count_cost
+from lightning_prune.cost.measure import output_widths
 from lightning_prune.cost.model import COSTS, CostModel
 from lightning_prune.gates import ChannelGate, FixedMask
 from lightning_prune.gating import GateSet, attach_gates
@@ -46,14 +47,6 @@ GATES_ATTR = "prune_gates"
 class Measured:
     cost: CostReport
     widths: dict[str, int]  # output channels of every convolution / linear layer
-
-
-def _out_channels(module: nn.Module) -> int:
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return module.out_channels
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    return 0
 
 
 def find_network(pl_module: nn.Module, module: str | None) -> nn.Module:
@@ -323,8 +316,7 @@ class GatedPruning(Callback):
                 report = count_cost(net, self._example_on(net))
         else:
             report = count_cost(net, self._example_on(net))
-        widths = {n: _out_channels(m) for n, m in net.named_modules() if _out_channels(m)}
-        return Measured(report, widths)
+        return Measured(report, output_widths(net))
 
     def _example_on(self, net: nn.Module) -> tuple[Tensor, ...]:
         device = next(net.parameters()).device

@@ -45,7 +45,8 @@ class CostReport:
         return int(getattr(self, cost))
 
 
-def _check_example(example_input: object) -> tuple[Tensor, ...]:
+def check_example(example_input: object) -> tuple[Tensor, ...]:
+    """``example_input`` as a tuple of tensors with a batch dimension, or a clear error."""
     inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
     if not inputs or not all(isinstance(t, Tensor) for t in inputs):
         raise TypeError("example_input must be a tensor or a tuple of tensors")
@@ -62,7 +63,7 @@ def count_cost(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    inputs = _check_example(example_input)
+    inputs = check_example(example_input)
     batch = inputs[0].shape[0]
     volumes: dict[str, int] = {}
     names = {m: n for n, m in model.named_modules()}
@@ -102,3 +103,12 @@ def count_cost(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> 
         volume=sum(volumes.values()),
         per_layer=per_layer,
     )
+
+
+def output_widths(model: nn.Module) -> dict[str, int]:
+    """Output channels (features) of every convolution and linear layer, by qualified name."""
+    return {
+        name: m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
+        for name, m in model.named_modules()
+        if isinstance(m, VOLUME_LAYERS)
+    }
