@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from lightning_prune import count_cost
 from lightning_prune.models import CifarResNet, LeNet5
-from lightning_prune.search.spaces import KINDS, CompressionSpace, sparse_cost
+from lightning_prune.search.spaces import KINDS, CompressionSpace, sparse_cost, top1
 
 
 def _perturbed(model: nn.Module) -> nn.Module:
@@ -209,6 +209,7 @@ def test_candidate_job_evaluates_and_builds_the_winner(lenet_checkpoint: Path, d
     with torch.no_grad():
         direct = 100.0 * float((ev.space.model(ev.inputs).argmax(-1) == ev.targets).float().mean())
     assert ref["accuracy"] == pytest.approx(direct) and ref["accuracy"] > 60.0
+    assert ref["accuracy"] == top1(ev.space.model, ev.inputs, ev.targets, 7)
     assert ref["cost"] == ref["base_cost"] == count_cost(LeNet5(num_classes=10), torch.zeros(1, 1, 28, 28)).macs
     cfg = _job_cfg(lenet_checkpoint, data_dir, x="[0.5,0.5,0.5]")
     half = job.run(cfg)
@@ -220,9 +221,7 @@ def test_candidate_job_evaluates_and_builds_the_winner(lenet_checkpoint: Path, d
     assert out["measured_cost"] == out["cost"] == half["cost"]
     assert out["accuracy"] == pytest.approx(half["accuracy"])
     rebuilt = job.load_compressed(out["path"], LeNet5(num_classes=10), torch.zeros(1, 1, 28, 28))
-    with torch.no_grad():
-        acc = 100.0 * float((rebuilt(ev.inputs).argmax(-1) == ev.targets).float().mean())
-    assert acc == pytest.approx(half["accuracy"])
+    assert top1(rebuilt, ev.inputs, ev.targets) == pytest.approx(half["accuracy"])
     with pytest.raises(ValueError, match="search.x"):
         job.run(_job_cfg(lenet_checkpoint, data_dir))
     with pytest.raises(ValueError, match="mode"):

@@ -3,7 +3,9 @@
 :func:`run` is the task function behind ``python -m lightning_prune.search.evaluate`` (config
 ``conf/adans.yaml``). With ``search.mode=evaluate`` it returns
 ``{"accuracy": percent on the held-out images, "cost": predicted cost, "base_cost": ...}``,
-which the ``adans`` sweeper turns into the score; with ``search.mode=final`` it builds the
+which the ``adans`` sweeper turns into the score; ``search.mode=score`` returns the score
+itself (a float, for sweepers that maximise a number, e.g. Optuna; it needs
+``search.reference_accuracy`` and ``search.threshold``); with ``search.mode=final`` it builds the
 real compressed model, measures its cost, evaluates it (held-out images, test set), optionally
 fine-tunes it and saves it.
 
@@ -29,9 +31,9 @@ from torch import Tensor, nn
 
 from lightning_prune.cost import count_cost
 from lightning_prune.search.space import SearchSpace
-from lightning_prune.search.spaces import CompressionSpace, sparse_cost
+from lightning_prune.search.spaces import CompressionSpace, sparse_cost, top1
 
-MODES = ("evaluate", "final")
+MODES = ("evaluate", "score", "final")
 _CACHE: dict[str, Evaluator] = {}
 
 
@@ -111,7 +113,7 @@ class Evaluator:
 def evaluator(cfg: DictConfig) -> Evaluator:
     """The cached :class:`Evaluator` for this config (everything but ``search.x`` / ``search.mode``)."""
     key_cfg = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "model", "search")}
-    for k in ("x", "mode", "final"):
+    for k in ("x", "mode", "final", "reference_accuracy", "threshold", "min_drop", "cost_weight", "threads", "record"):
         key_cfg["search"].pop(k, None)
     key = json.dumps(key_cfg, sort_keys=True, default=str)
     if key not in _CACHE:
@@ -139,10 +141,8 @@ def final(cfg: DictConfig, ev: Evaluator, x: Any, output_dir: Path) -> dict[str,
     example = ev.space.example_input
     measured = sparse_cost(model, example) if ev.space.unstructured else count_cost(model, example)
     measured_cost = measured[ev.space.cost]
-    with torch.no_grad():
-        logits = torch.cat([model(ev.inputs[i : i + ev.batch_size]) for i in range(0, len(ev.inputs), ev.batch_size)])
     out: dict[str, Any] = {
-        "accuracy": 100.0 * int((logits.argmax(-1) == ev.targets).sum()) / len(ev.targets),
+        "accuracy": top1(model, ev.inputs, ev.targets, ev.batch_size),
         "masked_accuracy": masked_accuracy,
         "cost": float(ev.space.predict_cost(x)),
         "measured_cost": float(measured_cost),
@@ -187,7 +187,27 @@ def load_compressed(path: str | os.PathLike, model: nn.Module, example_input: Te
     return compressed.eval()
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def _vector(x: Any, d: int) -> list[float]:
+    """``search.x`` as a list: a list, or a mapping ``{x0: ..., x1: ..., ...}`` (one key per
+    dimension, as per-parameter sweepers such as Optuna's write it)."""
+    if isinstance(x, (DictConfig, dict)):
+        keys = [f"x{i}" for i in range(d)]
+        if sorted(x) != sorted(keys):
+            raise ValueError(f"search.x as a mapping must have the keys x0..x{d - 1}, got {sorted(x)}")
+        return [float(x[k]) for k in keys]
+    return list(x)
+
+
+def _record(cfg: DictConfig, x: Any, result: dict[str, Any]) -> dict[str, Any]:
+    """Append ``{"x": ..., **result}`` to the JSON-lines file ``search.record`` (if set)."""
+    path = cfg.search.get("record")
+    if path:
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"x": [float(v) for v in x], **result}) + "\n")
+    return result
+
+
+def run(cfg: DictConfig) -> Any:
     """The task function: evaluate ``search.x`` (or build the final model) as ``search.mode`` says."""
     mode = cfg.search.mode
     if mode not in MODES:
@@ -200,9 +220,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.search.get("threads"):
         torch.set_num_threads(int(cfg.search.threads))
     ev = evaluator(cfg)
-    x = ev.space.search_space.check(list(cfg.search.x), "search.x")
+    x = ev.space.search_space.check(_vector(cfg.search.x, ev.space.search_space.d), "search.x")
     if mode == "evaluate":
-        return ev.evaluate(x)
+        return _record(cfg, x, ev.evaluate(x))
+    if mode == "score":
+        from lightning_prune.search.score import Scorer
+
+        if cfg.search.get("reference_accuracy") is None:
+            raise ValueError("search.mode=score needs search.reference_accuracy: the original model's accuracy (percent) "
+                             "on the same held-out images")
+        result = ev.evaluate(x)
+        scorer = Scorer(float(cfg.search.reference_accuracy), result["base_cost"], float(cfg.search.threshold),
+                        float(cfg.search.min_drop), float(cfg.search.cost_weight))
+        result["score"] = scorer(result["accuracy"], result["cost"])
+        return _record(cfg, x, result)["score"]
     from hydra.core.hydra_config import HydraConfig
 
     output_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()

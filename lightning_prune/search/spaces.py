@@ -58,7 +58,7 @@ from lightning_prune.surgery import shrink
 KINDS = ("structured", "unstructured", "svd", "tucker2", "decomposition", "decomposition+structured")
 COSTS = ("macs", "params", "volume")
 
-__all__ = ["CompressionSpace", "KINDS", "sparse_cost"]
+__all__ = ["CompressionSpace", "KINDS", "sparse_cost", "top1"]
 
 
 def _is_conv2d(m: nn.Module) -> bool:
@@ -108,6 +108,21 @@ def _one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def top1(model: nn.Module, inputs: Tensor, targets: Tensor, batch_size: int = 500) -> float:
+    """Top-1 accuracy in percent of ``model`` (run in eval mode, mode restored) on ``inputs``."""
+    was = model.training
+    model.eval()
+    correct = 0
+    try:
+        for start in range(0, len(inputs), batch_size):
+            logits = model(inputs[start : start + batch_size])
+            correct += int((logits.argmax(dim=-1) == targets[start : start + batch_size]).sum())
+    finally:
+        model.train(was)
+    return 100.0 * correct / len(inputs)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -421,20 +436,10 @@ class CompressionSpace:
             self.gates = None
         self._current = None
 
-    @torch.no_grad()
     def accuracy(self, x: Any, inputs: Tensor, targets: Tensor, batch_size: int = 500) -> float:
         """Top-1 accuracy in percent of the compressed model ``x`` on ``inputs`` (no rebuild)."""
         self.apply(x)
-        was = self.model.training
-        self.model.eval()
-        correct = 0
-        try:
-            for start in range(0, len(inputs), batch_size):
-                logits = self.model(inputs[start : start + batch_size])
-                correct += int((logits.argmax(dim=-1) == targets[start : start + batch_size]).sum())
-        finally:
-            self.model.train(was)
-        return 100.0 * correct / len(inputs)
+        return top1(self.model, inputs, targets, batch_size)
 
     # --- the real compressed model ------------------------------------------------------------------
     def _bare_copy(self) -> nn.Module:
