@@ -7,6 +7,7 @@ in-place masked / low-rank model computes.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -222,6 +223,21 @@ def test_candidate_job_evaluates_and_builds_the_winner(lenet_checkpoint: Path, d
     assert out["accuracy"] == pytest.approx(half["accuracy"])
     rebuilt = job.load_compressed(out["path"], LeNet5(num_classes=10), torch.zeros(1, 1, 28, 28))
     assert top1(rebuilt, ev.inputs, ev.targets) == pytest.approx(half["accuracy"])
+    # For sweepers that maximise one number (Optuna): x per dimension, the score as a float.
+    record = tmp_path / "record.jsonl"
+    cfg = _job_cfg(lenet_checkpoint, data_dir, mode="score", reference_accuracy=ref["accuracy"], threshold=50.0,
+                   record=record)
+    OmegaConf.update(cfg, "search.x", {"x0": 0.5, "x1": 0.5, "x2": 0.5}, force_add=True)
+    value = job.run(cfg)
+    from lightning_prune.search import Scorer
+
+    assert value == pytest.approx(Scorer(ref["accuracy"], ref["base_cost"], 50.0)(half["accuracy"], half["cost"]))
+    assert [json.loads(line)["score"] for line in record.read_text().splitlines()] == [value]
+    with pytest.raises(ValueError, match="x0..x2"):
+        OmegaConf.update(cfg, "search.x", {"x0": 0.5}, force_add=True, merge=False)
+        job.run(cfg)
+    with pytest.raises(ValueError, match="reference_accuracy"):
+        job.run(_job_cfg(lenet_checkpoint, data_dir, x=identity, mode="score"))
     with pytest.raises(ValueError, match="search.x"):
         job.run(_job_cfg(lenet_checkpoint, data_dir))
     with pytest.raises(ValueError, match="mode"):
