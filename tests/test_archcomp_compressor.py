@@ -22,7 +22,6 @@ from lightning_prune.archcomp import (
     param_count,
     to_tokens,
 )
-from lightning_prune.archcomp.compressor import token_statistics
 from lightning_prune.archcomp.generate import ArchitectureRecord, collect
 
 MNIST = (1, 28, 28)
@@ -43,7 +42,7 @@ def one_thread() -> Iterator[None]:
 def make_compressor(**kwargs: object) -> ArchitectureCompressor:
     torch.manual_seed(0)
     args = dict(
-        max_len=16, token_scale=token_statistics([SHORT, MEDIUM, LONG]), param_mean=9.0, param_std=2.0, param_floor=-4.0,
+        max_len=16, param_mean=9.0, param_std=2.0, param_floor=-4.0,
         channels=32, depth=2, blocks=1, latent_channels=8, hidden=32,
     )  # fmt: skip
     args.update(kwargs)

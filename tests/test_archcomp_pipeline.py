@@ -40,10 +40,8 @@ SMALL_COMPRESSOR = [
     "compressor.depth=1",
     "compressor.latent_channels=8",
     "compressor.hidden=16",
-    "compressor.optimizer._target_=torch.optim.Adam",
+    "archcomp/optimizer@compressor.optimizer=adam",
     "compressor.optimizer.lr=0.01",
-    "~compressor.optimizer.momentum",
-    "~compressor.optimizer.nesterov",
     "compressor.scheduler=null",
 ]
 

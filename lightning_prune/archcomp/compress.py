@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_prune.archcomp._checks import check_int
 from lightning_prune.archcomp.compressor import ArchitectureCompressor
 from lightning_prune.archcomp.data import make_sample
 from lightning_prune.archcomp.tokens import InvalidArchitecture, Plan, Token, build, plan
@@ -116,8 +117,7 @@ def compress(
     """
     if not isinstance(compressor, ArchitectureCompressor):
         raise TypeError(f"compressor must be an ArchitectureCompressor, got {type(compressor).__name__}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    check_int("steps", steps, 0)
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     if not 0 <= accuracy_target <= 1:
@@ -126,12 +126,10 @@ def compress(
         raise ValueError(f"params_target must be None or a positive parameter count, got {params_target}")
     if lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
-    if isinstance(refit_steps, bool) or not isinstance(refit_steps, int) or refit_steps < 0:
-        raise ValueError(f"refit_steps must be an int >= 0, got {refit_steps!r}")
+    check_int("refit_steps", refit_steps, 0)
     if refit_steps and refit_data is None:
         raise ValueError("refit_data is required when refit_steps > 0")
-    if isinstance(refit_every, bool) or not isinstance(refit_every, int) or refit_every < 1:
-        raise ValueError(f"refit_every must be a positive int, got {refit_every!r}")
+    check_int("refit_every", refit_every)
 
     original = plan(tokens, input_shape, num_classes=num_classes)
     model = copy.deepcopy(compressor).eval()

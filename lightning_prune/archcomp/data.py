@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_prune.archcomp.compressor import token_statistics
+from lightning_prune.archcomp._checks import check_int
 from lightning_prune.archcomp.generate import ArchitectureRecord, load_dataset
 from lightning_prune.archcomp.tokens import pad_sequences
 
@@ -55,8 +55,8 @@ class ArchitectureDataModule(L.LightningDataModule):
     out). With ``use_unlabelled`` the file's untrained architectures join the training split
     (they supervise the decoder and the parameter regressor, not the accuracy regressor); the
     held-out split is trained architectures only. :meth:`statistics` gives the normalisation
-    the compressor needs, computed on the training split: ``token_scale``, ``param_mean``,
-    ``param_std`` (of log parameters) and ``param_floor``.
+    the compressor needs, computed on the training split: ``param_mean``, ``param_std`` (of
+    log parameters) and ``param_floor``, and ``max_len``.
     """
 
     def __init__(
@@ -72,9 +72,8 @@ class ArchitectureDataModule(L.LightningDataModule):
         super().__init__()
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        for name, value in (("max_len", max_len), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int("max_len", max_len)
+        check_int("batch_size", batch_size)
         self.dataset_file = dataset_file
         self.max_len = max_len
         self.batch_size = batch_size
@@ -106,7 +105,6 @@ class ArchitectureDataModule(L.LightningDataModule):
         std = math.sqrt(sum((v - mean) ** 2 for v in logs) / len(logs)) or 1.0
         return {
             "max_len": self.max_len,
-            "token_scale": token_statistics([r.tokens for r in records]),
             "param_mean": mean,
             "param_std": std,
             "param_floor": (min(logs) - mean) / std - 1.0,

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from lightning_prune.archcomp._checks import check_int
 from lightning_prune.archcomp.sampler import ArchitectureSampler
 from lightning_prune.archcomp.tokens import Token, build
 
@@ -207,8 +208,7 @@ def sample_unlabelled(sampler: ArchitectureSampler, count: int) -> list[Architec
     """``count`` sampled architectures that are not trained (no accuracy): their tokens and exact
     parameter count are enough supervision for the decoder and the parameter regressor.
     They use sampler indices from :data:`UNLABELLED_OFFSET` on, so they never repeat a trained one."""
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        raise ValueError(f"count must be an int >= 0, got {count!r}")
+    check_int("count", count, 0)
     records = []
     for index in range(UNLABELLED_OFFSET, UNLABELLED_OFFSET + count):
         arch = sampler.sample(index)

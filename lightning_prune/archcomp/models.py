@@ -6,6 +6,9 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from lightning_prune.archcomp._checks import check_int
+from lightning_prune.archcomp.tokens import check_input_shape
+
 
 class ConvK(nn.Module):
     """CONV-k: ``depth`` blocks of Conv2d(3x3, padding 1, stride 1, no bias)-BatchNorm-ReLU, then
@@ -26,17 +29,14 @@ class ConvK(nn.Module):
         kernel_size: int = 3,
     ) -> None:
         super().__init__()
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"depth must be a positive int, got {depth!r}")
+        check_int("depth", depth)
         widths = [channels] * depth if isinstance(channels, int) else list(channels)
         if len(widths) != depth or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in widths):
             raise ValueError(f"channels must be a positive int or {depth} positive ints, got {channels!r}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if len(input_shape) != 3 or not all(isinstance(v, int) and v > 0 for v in input_shape):
-            raise ValueError(f"input_shape must be (channels, height, width) of positive ints, got {input_shape!r}")
-        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+        check_int("num_classes", num_classes)
+        input_shape = check_input_shape(input_shape)
+        if check_int("kernel_size", kernel_size) % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         layers: list[nn.Module] = []
         c_in = input_shape[0]
         for c in widths:

@@ -193,15 +193,16 @@ def run_compress(cfg: DictConfig) -> dict[str, Any]:
             accs = train_accuracy(net_factory, datamodule, make_module, make_trainer, seeds, cfg.generate.metric)
         return accs, count_cost(net_factory(), torch.zeros(1, *shape)).params
 
-    start = time.perf_counter()
-    orig_accs, orig_params = measure(lambda: instantiate(network_cfg, num_classes=datamodule.num_classes, input_shape=shape))
-    log.info(f"compress: original {len(tokens)} layers, {orig_params:,} params, accuracy {orig_accs}")
+    def original() -> nn.Module:
+        return instantiate(network_cfg, num_classes=datamodule.num_classes, input_shape=shape)
 
+    start = time.perf_counter()
+    trained_original = None
+    if c.refit_steps:  # the re-fit uses the original's measured accuracy: train it first
+        trained_original = measure(original)
     compressor = ArchitectureCompressor.load_from_checkpoint(cfg.compressor_ckpt, map_location="cpu")
-    refit_data = None
-    if c.refit_steps:
-        arch_dm: ArchitectureDataModule = instantiate(cfg.fit.datamodule)
-        refit_data = arch_dm.train_dataloader()
+    L.seed_everything(cfg.seed, verbose=False)  # the re-fit batches are shuffled
+    refit_data = instantiate(cfg.fit.datamodule).train_dataloader() if c.refit_steps else None
     result = compress(
         compressor,
         tokens,
@@ -212,12 +213,14 @@ def run_compress(cfg: DictConfig) -> dict[str, Any]:
         lam=c.lam,
         steps=c.steps,
         lr=c.lr,
-        original_accuracy=sum(orig_accs) / len(orig_accs),
+        original_accuracy=sum(trained_original[0]) / len(trained_original[0]) if trained_original else None,
         refit_data=refit_data,
         refit_steps=c.refit_steps,
         refit_every=c.refit_every,
         refit_lr=c.refit_lr,
     )
+    orig_accs, orig_params = trained_original or measure(original)
+    log.info(f"compress: original {len(tokens)} layers, {orig_params:,} params, accuracy {orig_accs}")
     log.info(f"compress: chosen step {result.step}; compressed architecture:\n{describe(result.tokens)}")
     comp_accs, comp_params = measure(lambda: build(result.tokens, shape))
     orig_acc, comp_acc = sum(orig_accs) / len(orig_accs), sum(comp_accs) / len(comp_accs)

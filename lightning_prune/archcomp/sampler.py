@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_prune.archcomp._checks import check_int
 from lightning_prune.archcomp.tokens import (
     MAX_DROPOUT_TENTHS,
     POOLS,
@@ -35,6 +36,7 @@ from lightning_prune.archcomp.tokens import (
     Plan,
     Token,
     build,
+    check_input_shape,
     plan,
 )
 from lightning_prune.cost import count_cost
@@ -106,11 +108,8 @@ class ArchitectureSampler:
         max_tries: int = 10000,
         seed: int = 0,
     ) -> None:
-        if len(input_shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_shape):
-            raise ValueError(f"input_shape must be (channels, height, width) of positive ints, got {input_shape!r}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        self.input_shape = tuple(int(v) for v in input_shape)
+        self.input_shape = check_input_shape(input_shape)
+        check_int("num_classes", num_classes)
         self.num_classes = num_classes
         self.length = _check_range("length", length, 2)
         self.kernel = _check_range("kernel", kernel, 1)
@@ -121,14 +120,11 @@ class ArchitectureSampler:
         self.dropout = _check_range("dropout", dropout, 0)
         if self.dropout[1] > MAX_DROPOUT_TENTHS:
             raise ValueError(f"dropout must stay within 0..{MAX_DROPOUT_TENTHS} tenths, got {dropout!r}")
-        if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1:
-            raise ValueError(f"min_size must be a positive int, got {min_size!r}")
+        check_int("min_size", min_size)
         for name, value in (("max_macs", max_macs), ("max_params", max_params), ("max_activations", max_activations)):
             _check_limit(name, value)
-        if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
-            raise ValueError(f"max_tries must be a positive int, got {max_tries!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        check_int("max_tries", max_tries)
+        check_int("seed", seed, 0)
         self.min_size = min_size
         self.max_macs, self.max_params, self.max_activations = max_macs, max_params, max_activations
         self.max_tries = max_tries
@@ -197,8 +193,7 @@ class ArchitectureSampler:
 
     def sample(self, index: int) -> SampledArchitecture:
         """Architecture number ``index`` (deterministic in ``(seed, index)``)."""
-        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-            raise ValueError(f"index must be a non-negative int, got {index!r}")
+        check_int("index", index, 0)
         rng = random.Random(f"archcomp-sampler-{self.seed}-{index}")
         reasons: dict[str, int] = {}
         for tries in range(self.max_tries):

@@ -50,6 +50,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from lightning_prune.archcomp._checks import check_int
+
 
 class LayerType(enum.IntEnum):
     """The 8 layer types of papers/003 Appendix 9 (token field ``t``)."""
@@ -121,7 +123,7 @@ class Plan:
         return sum(1 for tok in self.tokens if tok.t == LayerType.CONV)
 
 
-def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
+def check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
     if not isinstance(input_shape, Sequence) or isinstance(input_shape, (str, bytes)):
         raise TypeError(f"input_shape must be a (channels, height, width) tuple, got {type(input_shape).__name__}")
     if len(input_shape) != 3:
@@ -170,9 +172,9 @@ def plan(
 
     If ``num_classes`` is given the last layer must be a Linear with that many outputs.
     """
-    in_shape = _check_input_shape(input_shape)
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
-        raise ValueError(f"num_classes must be None or a positive int, got {num_classes!r}")
+    in_shape = check_input_shape(input_shape)
+    if num_classes is not None:
+        check_int("num_classes", num_classes)
     rows = _as_tokens(tokens)
     problems: list[str] = []
     repairs: list[str] = []
@@ -299,7 +301,7 @@ def build(
     """
     if isinstance(tokens, Plan):
         checked = tokens
-        if input_shape is not None and _check_input_shape(input_shape) != checked.input_shape:
+        if input_shape is not None and check_input_shape(input_shape) != checked.input_shape:
             raise ValueError(f"input_shape {tuple(input_shape)} differs from the plan's {checked.input_shape}")
     else:
         if input_shape is None:
@@ -419,7 +421,7 @@ def to_tokens(model: nn.Module, input_shape: Sequence[int]) -> list[Token]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    shape = _check_input_shape(input_shape)
+    shape = check_input_shape(input_shape)
     try:
         graph_module = fx.symbolic_trace(model)
     except Exception as err:  # torch.fx raises many types for untraceable code
