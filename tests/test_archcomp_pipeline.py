@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -16,8 +18,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from lightning_prune import count_cost
-from lightning_prune.archcomp import ArchitectureCompressor, ConvK, build, load_dataset, param_count, to_tokens
-from lightning_prune.archcomp.generate import ArchitectureRecord, collect
+from lightning_prune.archcomp import (
+    ArchitectureCompressor,
+    ArchitectureSampler,
+    ConvK,
+    build,
+    generate,
+    load_dataset,
+    param_count,
+    to_tokens,
+)
+from lightning_prune.archcomp.generate import ArchitectureRecord, InMemoryDataModule, collect
+from lightning_prune.classifier import ImageClassifier
+from lightning_prune.data import MNISTDataModule
 from lightning_prune.archcomp.pipeline import run
 from lightning_prune.configs import config_dir
 
@@ -130,3 +143,27 @@ def test_fit_and_compress_stages(tmp_path: Path) -> None:
     for part in ("original", "compressed"):
         assert len(report[part]["accuracies"]) == 1 and 0 <= report[part]["accuracy"] <= 1
     assert len(report["trajectory"]) == 3
+
+
+def test_failed_training_is_recorded_and_left_out_but_config_errors_raise(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    sampler = ArchitectureSampler(MNIST, 10, length=(2, 6), kernel=(1, 3), stride=(1, 2), padding=(0, 1), channels=(2, 8))
+    data = InMemoryDataModule(MNISTDataModule(DATA_DIR, batch_size=32, val_size=64, subset=64))
+
+    def trainer() -> L.Trainer:
+        return L.Trainer(max_epochs=1, limit_train_batches=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
+
+    def broken(net: torch.nn.Module) -> L.LightningModule:
+        raise RuntimeError("out of memory (simulated)")
+
+    counts = generate(sampler, [0], tmp_path / "r", data, broken, trainer, seeds=[0], log=lambda _: None)
+    assert counts == {"trained": 0, "skipped": 0, "failed": 1}
+    record = ArchitectureRecord.from_dict(json.loads((tmp_path / "r" / "arch_00000.json").read_text()))
+    assert not record.ok and "out of memory (simulated)" in record.error
+    module = functools.partial(ImageClassifier, num_classes=10, optimizer=functools.partial(torch.optim.Adam, lr=1e-3))
+    assert generate(sampler, [1], tmp_path / "r", data, module, trainer, seeds=[0], log=lambda _: None)["trained"] == 1
+    dataset = collect(tmp_path / "r", tmp_path / "d.json", expected=2)
+    assert dataset["metadata"]["failed"] == [0] and [r["index"] for r in dataset["architectures"]] == [1]
+    with pytest.raises(KeyError, match="val/nope"):  # a configuration error is not recorded per architecture
+        generate(sampler, [2], tmp_path / "r", data, module, trainer, seeds=[0], metric="val/nope")
