@@ -13,7 +13,15 @@ learned continuous embedding of its architecture.
 from lightning_prune.archcomp.compress import CompressionResult, CompressionStep, compress
 from lightning_prune.archcomp.compressor import ArchitectureCompressor
 from lightning_prune.archcomp.data import ArchitectureDataModule, ArchitectureDataset
-from lightning_prune.archcomp.generate import ArchitectureRecord, collect, generate, load_dataset, train_accuracy
+from lightning_prune.archcomp.generate import (
+    ArchitectureRecord,
+    InMemoryDataModule,
+    collect,
+    generate,
+    load_dataset,
+    sample_unlabelled,
+    train_accuracy,
+)
 from lightning_prune.archcomp.models import ConvK
 from lightning_prune.archcomp.sampler import ArchitectureSampler, SampledArchitecture
 from lightning_prune.archcomp.tokens import (
@@ -37,6 +45,7 @@ __all__ = [
     "CompressionResult",
     "CompressionStep",
     "ConvK",
+    "InMemoryDataModule",
     "InvalidArchitecture",
     "LayerType",
     "Plan",
@@ -50,6 +59,7 @@ __all__ = [
     "load_dataset",
     "param_count",
     "plan",
+    "sample_unlabelled",
     "to_tokens",
     "train_accuracy",
 ]
