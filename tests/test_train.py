@@ -18,7 +18,9 @@ from lightning_prune.train import run
 from tests.conftest import compose_train
 
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
+ALL_EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
+# archcomp_* experiments belong to the root conf/archcomp.yaml (python -m lightning_prune.archcomp)
+EXPERIMENTS = [e for e in ALL_EXPERIMENTS if not e.startswith("archcomp_")]
 MODELS = sorted(p.stem for p in (config_dir() / "model").glob("*.yaml"))
 
 
@@ -35,6 +37,17 @@ def test_every_experiment_composes_and_instantiates(experiment, tmp_path, data_d
     assert isinstance(net, torch.nn.Module)
     assert callable(instantiate(cfg.optimizer))
     assert cfg.trainer.max_epochs >= 1
+
+
+@pytest.mark.parametrize("experiment", [e for e in ALL_EXPERIMENTS if e.startswith("archcomp_")])
+def test_architecture_compression_experiments_compose_with_their_root(experiment):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("archcomp", overrides=[f"experiment={experiment}"])
+    assert cfg.stage in ("generate", "collect", "fit", "compress", "all")
 
 
 @pytest.mark.parametrize("model", MODELS)
