@@ -180,6 +180,8 @@ class AdaNSSweeper(Sweeper):
     def _launch(self, arguments: List[str], points: List[np.ndarray], extra: Sequence[str] = ()) -> List[Any]:
         assert self.launcher is not None
         overrides = [[*arguments, *extra, f"{self.x_key}={format_x(x)}"] for x in points]
+        if not overrides:
+            return []
         chunk = self.max_batch_size or len(overrides)
         values: List[Any] = []
         for start in range(0, len(overrides), chunk):
