@@ -43,6 +43,7 @@ def fit_budget(
     target: float,
     scores: Mapping[str, Tensor],
     masks: Mapping[str, Tensor] | None = None,
+    relative: bool = False,
 ) -> Allocation:
     """Greedily drop channels until ``cost_model.exact(masks, cost) <= target``.
 
@@ -53,6 +54,11 @@ def fit_budget(
         scores: ``{group: (size,) tensor}``, higher = more important (groups missing: never dropped).
         masks: starting keep-masks (default: keep everything). A group that keeps no channel
             gets back its highest-scoring channel: every group keeps at least one.
+        relative: value a channel by the share of its group's *kept* score it holds: dropping
+            it costs ``log(kept) - log(kept - score)`` (scores must be > 0). The greedy then
+            maximises the sum over groups of the log of the kept score under the budget, so a
+            group gets harder to thin the more of its importance it has already lost; plain
+            scores (``False``) compare channels of different groups directly.
 
     Each step drops the kept channel with the lowest ``score / marginal cost`` (the marginal
     cost is re-evaluated as the network shrinks, since MACs and parameters are bilinear in
@@ -65,6 +71,8 @@ def fit_budget(
     for name, mask in (masks or {}).items():
         keep[name] = torch.as_tensor(mask, dtype=torch.bool).detach().cpu().clone()
     score = {name: torch.as_tensor(s, dtype=torch.float64).detach().cpu() for name, s in scores.items()}
+    if relative and any(bool((s <= 0).any()) for s in score.values()):
+        raise ValueError("scores must be > 0 with relative=True (they are shares of each group's total)")
     for name, mask in keep.items():
         if not bool(mask.any()):
             best = int(torch.argmax(score[name])) if name in score else 0
@@ -84,6 +92,9 @@ def fit_budget(
             if int(mask.sum()) <= 1:
                 continue
             w = weights[name].clamp_min(1e-12)
+            if relative:
+                kept = s[mask].sum()
+                s = torch.log(kept) - torch.log((kept - s).clamp_min(kept * 1e-12))
             ratio = torch.where(mask, s / w, torch.full_like(s, float("inf")))
             idx = int(torch.argmin(ratio))
             if float(ratio[idx]) < best_ratio:

@@ -2,7 +2,8 @@
 
 from lightning_prune.callbacks.annealing import SigmoidalBudgetAnnealing
 from lightning_prune.callbacks.bar import BudgetAwareRegularization
+from lightning_prune.callbacks.dirichlet import DirichletImportance
 from lightning_prune.callbacks.gated import GatedPruning
 from lightning_prune.callbacks.hard_pruning import HardPruning
 
-__all__ = ["BudgetAwareRegularization", "GatedPruning", "HardPruning", "SigmoidalBudgetAnnealing"]
+__all__ = ["BudgetAwareRegularization", "DirichletImportance", "GatedPruning", "HardPruning", "SigmoidalBudgetAnnealing"]

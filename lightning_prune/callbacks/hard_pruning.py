@@ -3,7 +3,7 @@ shrinks the network, so the remaining epochs train the small network."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,9 @@ class HardPruning(Callback):
             because DDP cannot follow parameters that change shape; a message says so.
         freeze: must be True: after hard pruning the gate parameters no longer change
             (papers/001 §3.1). Kept as an argument for configs that state it.
-        widths: optional explicit channels per group instead of the budget-driven choice.
+        widths: optional explicit channels per group instead of the budget-driven choice:
+            ``{group name: channels}``, or a list with one number per group in network order
+            (e.g. ``[5, 8, 15]`` for LeNet-5's groups features.0, features.2, classifier.1).
         plot: save ``alive_channels.png`` (channels per group before and after) in the log folder.
     """
 
@@ -39,7 +41,7 @@ class HardPruning(Callback):
         at_epoch: int,
         shrink: bool = True,
         freeze: bool = True,
-        widths: Mapping[str, int] | None = None,
+        widths: Mapping[str, int] | Sequence[int] | None = None,
         plot: bool = True,
         verbose: bool = True,
     ) -> None:
@@ -49,11 +51,11 @@ class HardPruning(Callback):
                 raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
         if not freeze:
             raise ValueError("freeze must be True: hard-pruned gates are fixed masks (papers/001 §3.1)")
-        if widths is not None and not isinstance(widths, Mapping):
-            raise TypeError("widths must be a mapping {group name: channels to keep} or None")
+        if widths is not None and (isinstance(widths, str) or not isinstance(widths, (Mapping, Sequence))):
+            raise TypeError("widths must be a mapping {group name: channels to keep}, a list (one per group) or None")
         self.shrink = shrink
         self.freeze = freeze
-        self.widths = dict(widths) if widths is not None else None
+        self.widths = dict(widths) if isinstance(widths, Mapping) else list(widths) if widths is not None else None
         self.plot = plot
         self.verbose = verbose
         self.pruned_at: int | None = None
@@ -85,7 +87,13 @@ class HardPruning(Callback):
 
     def prune(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         source = self.source(trainer)
-        masks = source.keep_masks(self.widths)
+        widths = self.widths
+        if isinstance(widths, list):
+            names = source.graph.names
+            if len(widths) != len(names):
+                raise ValueError(f"widths: {len(widths)} numbers for {len(names)} channel groups ({', '.join(names)})")
+            widths = dict(zip(names, widths))
+        masks = source.keep_masks(widths)
         cost = source.cost_model.exact(masks, source.cost)
         if self.widths is None and cost > source.target_cost:
             raise RuntimeError(f"internal: hard masks cost {cost} > budget {source.target_cost}")

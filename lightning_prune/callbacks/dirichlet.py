@@ -1,0 +1,388 @@
+"""``DirichletImportance``: Dirichlet importance switches learned on a trained network with
+its weights frozen; their posterior means rank the channels, and a budget decides how many
+each layer keeps (papers/004 and METHODS §3).
+
+How a run goes (one ``trainer.fit``)::
+
+    epochs [0, from_epoch)               ordinary training; every switch is the identity
+    epochs [from_epoch, end)             the switch phase: switches learn, weights frozen
+    HardPruning(at_epoch=end)            channels chosen under the budget, network shrunk
+    epochs [end, max_epochs)             the user's optimizer fine-tunes the small network
+
+with ``end = from_epoch + epochs`` (``epochs=None``: until HardPruning's ``at_epoch``).
+``from_epoch=0`` when the LightningModule arrives already trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from lightning_prune.allocation import fit_budget, top_k_masks
+from lightning_prune.budget import finite_real
+from lightning_prune.callbacks.gated import GatedPruning, check_int
+from lightning_prune.callbacks.hard_pruning import HardPruning
+from lightning_prune.gates import ChannelGate, DirichletSwitch
+from lightning_prune.graph import ChannelGroup
+
+
+class _Switch(DirichletSwitch):
+    """A :class:`DirichletSwitch` that the callback can hold at the identity: before and after
+    the switch phase, and in layer-by-layer mode while another group learns."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.identity = True
+
+    def forward(self) -> Tensor:
+        if self.identity:
+            # Exactly 1; theta stays in the graph (with a zero gradient) so that DDP sees
+            # every gate parameter used in every step.
+            return torch.ones_like(self.theta) + 0.0 * self.theta
+        return super().forward()
+
+
+class DirichletImportance(GatedPruning):
+    """Dirichlet pruning (Adamczewski & Park, AISTATS 2021) as a Lightning callback.
+
+    One Dirichlet switch per prunable channel group (:class:`~lightning_prune.gates.DirichletSwitch`):
+    the group's output channels are multiplied by ``K * s`` (K channels, ``s`` on the simplex),
+    so a uniform switch is the identity and the switch phase starts from exactly the trained
+    network. In the switch phase the switches learn from the user's loss (through the user's
+    own backward pass) plus ``kl_weight * sum_l KL(Dir(phi_l) || Dir(alpha0))``, added by the
+    gate optimizer after AMP unscaling, gradient accumulation and DDP's all-reduce.
+
+    Estimators of the expected loss (METHODS §3):
+
+    - ``"mean"``: the switch is its posterior mean ``E[s] = phi / sum(phi)`` (deterministic);
+    - ``"gamma"``: ``samples`` (S) reparameterised samples per step, ``g ~ Gamma(phi, 1)``,
+      ``s = g / sum g``; the network's output (logits) is the average of S forward passes,
+      each with fresh samples (a forward hook re-runs the network S - 1 more times, in the
+      switch phase and in training mode only; the S graphs are kept for the backward pass,
+      so memory grows with S). Validation always uses the posterior mean.
+
+    ``freeze_weights=True`` (the method's procedure): during the switch phase the user's
+    optimizers change nothing. Their gradients are set to ``None`` in
+    ``on_before_optimizer_step`` (after unscaling / accumulation / all-reduce, before the
+    step), so SGD and Adam skip every parameter: no update, no weight decay, no momentum.
+    Gradients are still computed, and ``requires_grad`` is left alone, because DDP fixes the
+    set of parameters it reduces when it wraps the model. Normalisation layers with running
+    statistics (batch norm) are put in eval mode for the phase, so the network the switches
+    see is exactly the trained network and its statistics do not drift. The user's LR
+    schedulers keep stepping (the callback does not touch them).
+
+    Layer by layer (``layerwise=True``): the optimizer steps of the switch phase are split
+    into equal consecutive parts, one per group in network order; in its part a group's
+    switches act and learn while every other switch is the identity (METHODS §3's
+    "layer by layer"; the default learns all switches jointly).
+
+    The KL weight: the variational objective per training sample is
+    ``E_q[CE] + KL / N`` with N training samples, so ``kl_weight=None`` (default) uses
+    ``1 / N``, N = ``len(train_dataloader.dataset)`` (the user's loss being a batch mean).
+
+    From importance to a pruned network (:meth:`keep_masks`, used by :class:`HardPruning`):
+    channels are dropped greedily, the least important per unit of marginal cost first, until
+    the exact cost meets the budget (:func:`~lightning_prune.allocation.fit_budget`); within a
+    group that is the order of the posterior mean, across groups it decides the widths. What
+    "least important" means across groups is ``allocation``:
+
+    - ``"share"`` (default): dropping channel i of group l loses the share of the group's
+      *kept* posterior mass it holds, ``log(m_l) - log(m_l - E[s_li])`` with ``m_l`` the sum of
+      the kept ``E[s_l]``; the greedy maximises ``sum_l log m_l`` (the product of the importance
+      every layer keeps: a chain of layers is as good as its weakest) under the budget, so a
+      layer gets harder to thin the more of its importance it has already lost;
+    - ``"score"``: the plain score ``K * E[s]`` (1 for every channel of a uniform switch, so
+      comparable across widths) per unit of cost. Cost then dominates: on LeNet-5 under a MAC
+      budget it empties the convolutions (1 channel left) before touching the cheap 500 fc
+      units, see benchmarks/RESULTS.md.
+
+    ``widths`` (a ``{group: channels}`` mapping, or a list in group order given to
+    HardPruning) keeps the top channels by posterior mean instead.
+
+    Args:
+        budget, factor, cost, gate_lr, module, example_input, ignore, verbose: see
+            :class:`~lightning_prune.callbacks.gated.GatedPruning`.
+        alpha0: concentration of the symmetric Dirichlet prior (< 1 favours sparse importance).
+        kl_weight: weight of the summed KL divergences (nats); ``None``: ``1 / N``.
+        estimator: ``"mean"`` or ``"gamma"``.
+        samples: S, the switch samples averaged per step (``"gamma"`` only; 1 for ``"mean"``).
+        from_epoch: first epoch of the switch phase.
+        epochs: epochs of the switch phase; ``None``: until HardPruning's ``at_epoch`` (or
+            the end of fit without HardPruning). With HardPruning, ``from_epoch + epochs``
+            must equal its ``at_epoch``.
+        freeze_weights: the user's optimizers change nothing during the switch phase.
+        layerwise: learn one group's switches at a time instead of all jointly.
+        init: initial Dirichlet concentration of every switch (uniform, so the identity).
+        allocation: ``"share"`` or ``"score"``: how channels of different groups are compared
+            when choosing the widths under the budget (above).
+    """
+
+    ALLOCATIONS = ("share", "score")
+
+    def __init__(
+        self,
+        budget: float | None = None,
+        factor: float | None = None,
+        cost: str = "macs",
+        alpha0: float = 0.5,
+        kl_weight: float | None = None,
+        estimator: str = "mean",
+        samples: int = 1,
+        from_epoch: int = 0,
+        epochs: int | None = None,
+        freeze_weights: bool = True,
+        layerwise: bool = False,
+        init: float = 1.0,
+        allocation: str = "share",
+        gate_lr: float = 0.1,
+        module: str | None = None,
+        example_input: Any = None,
+        ignore: Sequence[str] = (),
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(budget, factor, cost, gate_lr, module, example_input, ignore, verbose)
+        self.alpha0 = finite_real("alpha0", alpha0)
+        if self.alpha0 <= 0:
+            raise ValueError(f"alpha0 must be > 0, got {alpha0}")
+        if kl_weight is not None:
+            kl_weight = finite_real("kl_weight", kl_weight)
+            if kl_weight < 0:
+                raise ValueError(f"kl_weight must be >= 0 or None (1 / number of training samples), got {kl_weight}")
+        if estimator not in DirichletSwitch.ESTIMATORS:
+            raise ValueError(f"estimator must be one of {DirichletSwitch.ESTIMATORS}, got {estimator!r}")
+        self.samples = check_int("samples", samples, minimum=1)
+        if estimator == "mean" and self.samples != 1:
+            raise ValueError(f"samples must be 1 with estimator='mean' (the posterior mean is deterministic), got {samples}")
+        self.from_epoch = check_int("from_epoch", from_epoch)
+        self.epochs = None if epochs is None else check_int("epochs", epochs, minimum=1)
+        for name, value in (("freeze_weights", freeze_weights), ("layerwise", layerwise)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        self.init = finite_real("init", init)
+        if self.init <= 0:
+            raise ValueError(f"init must be > 0 (the initial Dirichlet concentration), got {init}")
+        if allocation not in self.ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {self.ALLOCATIONS}, got {allocation!r}")
+        self.allocation = allocation
+        self.kl_weight = kl_weight
+        self.estimator = estimator
+        self.freeze_weights = freeze_weights
+        self.layerwise = layerwise
+        self.end_epoch: int | None = None  # first epoch after the switch phase (None: never ends); set in setup
+        self.kl_scale: float | None = kl_weight  # the weight in use (1 / N resolved at the first switch epoch)
+        self.learning_groups: tuple[str, ...] = ()
+        self.last: dict[str, float] = {}
+        self._hook: Any = None
+        self._rerunning = False
+        self._frozen_norms: list[nn.Module] = []
+        self._epoch: int | None = None  # the epoch the switches were last set up for
+        self._steps_per_epoch = 0
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(budget=self.budget, cost=self.cost, module=self.module, method="dirichlet")
+
+    def make_gate(self, group: ChannelGroup) -> ChannelGate:
+        return _Switch(group.size, alpha0=self.alpha0, estimator=self.estimator, init=self.init)
+
+    # -- setup ---------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        fresh = self.network is None
+        super().setup(trainer, pl_module, stage)
+        if not fresh or self.network is None:
+            return
+        pruners = [c for c in trainer.callbacks if isinstance(c, HardPruning)]
+        at_epoch = pruners[0].at_epoch if len(pruners) == 1 else None
+        if self.epochs is not None:
+            self.end_epoch = self.from_epoch + self.epochs
+            if at_epoch is not None and at_epoch != self.end_epoch:
+                raise ValueError(
+                    f"epochs: the switch phase ends at epoch from_epoch + epochs = {self.end_epoch}, "
+                    f"but HardPruning prunes at epoch {at_epoch}; make them equal (or leave epochs=None)"
+                )
+        elif at_epoch is not None:
+            if at_epoch <= self.from_epoch:
+                raise ValueError(
+                    f"from_epoch: the switch phase starts at epoch {self.from_epoch}, but HardPruning prunes at epoch "
+                    f"{at_epoch}; the switches need at least one epoch before it"
+                )
+            self.end_epoch = at_epoch
+        elif self.layerwise:
+            raise ValueError("layerwise: the switch phase must have an end to share it among the groups; give epochs or add HardPruning")
+        if self.samples > 1:
+            self._hook = self.network.register_forward_hook(self._average_samples, with_kwargs=True)
+
+    # -- which switches act ----------------------------------------------------------------------
+    @property
+    def learning(self) -> bool:
+        """True while some switches act and learn (the switch phase, before hard pruning)."""
+        return self.active and bool(self.learning_groups)
+
+    def learn(self, groups: Iterable[str] | None = None) -> None:
+        """Let the switches of ``groups`` (all groups when ``None``) act and learn; every other
+        switch is the identity. ``learn(())`` makes every switch the identity. Called by the
+        callback at every epoch (and, layer by layer, every batch); public to drive the
+        switches by hand."""
+        if self.gates is None:
+            raise RuntimeError("DirichletImportance: no switches (setup has not run, or they were hardened)")
+        names = tuple(self.gates) if groups is None else tuple(groups)
+        for name in names:
+            if name not in self.gates:
+                raise ValueError(f"groups: unknown channel group {name!r}; groups: {', '.join(self.gates)}")
+        for name, gate in self.gates.items():
+            gate.identity = name not in names
+        self.learning_groups = names
+
+    def in_switch_phase(self, epoch: int) -> bool:
+        return epoch >= self.from_epoch and (self.end_epoch is None or epoch < self.end_epoch)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._enter_epoch(trainer)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._epoch != trainer.current_epoch:  # resumed mid-epoch: on_train_epoch_start did not run
+            self._enter_epoch(trainer)
+        if self.layerwise and self.active and self.in_switch_phase(trainer.current_epoch):
+            self.learn((self.layer_at(trainer.current_epoch, batch_idx // trainer.accumulate_grad_batches),))
+
+    def _enter_epoch(self, trainer: L.Trainer) -> None:
+        self._epoch = trainer.current_epoch
+        if not self.active:
+            return
+        if not self.in_switch_phase(trainer.current_epoch):
+            self.learn(())
+            self._restore_norms()
+            return
+        if self.kl_scale is None:
+            self.kl_scale = 1.0 / self._num_samples(trainer)
+        if self.freeze_weights:
+            self._freeze_norms()
+        if self.layerwise:
+            self._steps_per_epoch = -(-trainer.num_training_batches // trainer.accumulate_grad_batches)
+            total = self._steps_per_epoch * (self.end_epoch - self.from_epoch)
+            if total < len(self.gates):
+                raise ValueError(
+                    f"layerwise: the switch phase has {total} optimizer steps for {len(self.gates)} channel groups; "
+                    "give it more epochs or batches"
+                )
+        else:
+            self.learn(None)
+
+    def layer_at(self, epoch: int, step_in_epoch: int) -> str:
+        """Layer by layer: the group whose switches learn at this optimizer step of this epoch."""
+        names = tuple(self.gates)
+        total = self._steps_per_epoch * (self.end_epoch - self.from_epoch)
+        step = (epoch - self.from_epoch) * self._steps_per_epoch + step_in_epoch
+        return names[min(len(names) - 1, step * len(names) // total)]
+
+    @staticmethod
+    def _num_samples(trainer: L.Trainer) -> int:
+        dataset = getattr(trainer.train_dataloader, "dataset", None)
+        try:
+            n = len(dataset)
+        except TypeError:
+            n = 0
+        if n < 1:
+            raise ValueError(
+                "kl_weight: the number of training samples is unknown (the train dataloader has no sized dataset); "
+                "give kl_weight (e.g. 1 / number of training samples)"
+            )
+        return n
+
+    def _freeze_norms(self) -> None:
+        if self._frozen_norms:
+            return
+        for m in self.network.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats and m.training:
+                m.eval()
+                self._frozen_norms.append(m)
+
+    def _restore_norms(self) -> None:
+        for m in self._frozen_norms:
+            m.train()
+        self._frozen_norms = []
+
+    # -- the gamma estimator with S samples ------------------------------------------------------
+    def _average_samples(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self._rerunning or not (self.learning and module.training and torch.is_grad_enabled()):
+            return None
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"samples: averaging {self.samples} switch samples needs a network that returns a tensor, "
+                f"{type(module).__name__} returned {type(output).__name__}"
+            )
+        self._rerunning = True
+        try:
+            total = output
+            for _ in range(self.samples - 1):
+                total = total + module(*args, **kwargs)
+        finally:
+            self._rerunning = False
+        return total / self.samples
+
+    # -- the KL term -------------------------------------------------------------------------------
+    def regularizer(self) -> Tensor | None:
+        if not self.learning_groups:
+            return None
+        kl = torch.stack([self.gates[n].kl_divergence() for n in self.learning_groups]).sum()
+        self.last = {"kl": float(kl.detach())}
+        if not self.kl_scale:
+            return None
+        return self.kl_scale * kl
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if not self.active:
+            return
+        for name, gate in self.gates.items():
+            if name not in self.learning_groups:
+                gate.theta.grad = None  # the identity's zero gradient must not move Adam's state
+        if not self.learning_groups:
+            return
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        if self.freeze_weights:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.learning and self.last:
+            pl_module.log("dirichlet/kl", self.last["kl"], on_step=True, on_epoch=False, batch_size=1)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not (self.active and self.in_switch_phase(trainer.current_epoch)):
+            return
+        if self.verbose and self.end_epoch is not None and trainer.current_epoch == self.end_epoch - 1:
+            rank_zero_info(
+                "DirichletImportance: learned importance K * E[s] (min / max) per group: "
+                + ", ".join(f"{n} {float(s.min()):.3g}/{float(s.max()):.3g}" for n, s in self.importance().items())
+            )
+
+    # -- from importance to masks ---------------------------------------------------------------------
+    def importance(self) -> dict[str, Tensor]:
+        """``{group: K * E[s]}`` per channel (CPU, detached): the posterior mean of each switch
+        times its number of channels, 1 for every channel of a uniform switch."""
+        if self.gates is None:
+            raise RuntimeError("DirichletImportance: no switches (setup has not run, or they were hardened)")
+        return {n: (g.posterior_mean() * g.num_channels).detach().cpu() for n, g in self.gates.items()}
+
+    def keep_masks(self, widths: Mapping[str, int] | None = None) -> dict[str, Tensor]:
+        """Keep-masks at or under the budget, allocated globally by importance per unit of
+        marginal cost (see ``allocation``); or, with ``widths``, the top channels by posterior
+        mean of each listed group."""
+        scores = self.importance()
+        if widths is not None:
+            return {**self.graph.full_masks(), **top_k_masks(scores, widths)}
+        return fit_budget(self.cost_model, self.cost, self.target_cost, scores, relative=self.allocation == "share").masks
+
+    def harden(self, trainer: L.Trainer, pl_module: L.LightningModule, masks: Mapping[str, Tensor], shrink_network: bool) -> None:
+        self.learning_groups = ()
+        self._restore_norms()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        super().harden(trainer, pl_module, masks, shrink_network)
