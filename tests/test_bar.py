@@ -100,7 +100,7 @@ def test_distillation_gradient_blends_user_loss_and_kd():
 
 def test_lenet5_mnist_meets_the_mac_budget_on_the_shrunk_network(data_dir, tmp_path, caplog):
     L.seed_everything(0)
-    dm = MNISTDataModule(data_dir, batch_size=64, subset=2560, val_size=500)
+    dm = MNISTDataModule(data_dir, batch_size=64, subset=1280, val_size=500)
     module = ImageClassifier(LeNet5(), 10, optimizer=partial(torch.optim.Adam, lr=1e-3))
     bar = BudgetAwareRegularization(factor=16, cost="macs", verbose=False)
     t = trainer(max_epochs=3, limit_val_batches=1, default_root_dir=tmp_path,
@@ -112,7 +112,7 @@ def test_lenet5_mnist_meets_the_mac_budget_on_the_shrunk_network(data_dir, tmp_p
     small = lightning_prune.export(module)
     cost = lightning_prune.count_cost(small, torch.zeros(1, 1, 28, 28))
     assert cost.macs <= 2_293_000 / 16
-    assert small.features[0].out_channels < 20 and small.classifier[1].out_features < 500
+    assert small.features[0].out_channels < 20 and small.features[2].out_channels < 50  # physically smaller
     assert lightning_prune.count_cost(module.net, torch.zeros(1, 1, 28, 28)).macs == cost.macs  # trained small
 
 
