@@ -106,7 +106,8 @@ class DirichletImportance(GatedPruning):
 
     Args:
         budget, factor, cost, gate_lr, module, example_input, ignore, verbose: see
-            :class:`~lightning_prune.callbacks.gated.GatedPruning`.
+            :class:`~lightning_prune.callbacks.gated.GatedPruning` (``cost`` defaults to
+            ``"macs"`` here: papers/004 reports FLOPs).
         alpha0: concentration of the symmetric Dirichlet prior (< 1 favours sparse importance).
         kl_weight: weight of the summed KL divergences (nats); ``None``: ``1 / N``.
         estimator: ``"mean"`` or ``"gamma"``.
