@@ -50,6 +50,11 @@ def compose_cfg(args: argparse.Namespace) -> object:
         return compose("adans", overrides=overrides)
 
 
+def plot(runs: dict, out: Path, args: dict) -> None:
+    plot_progress({n: r["scores"] for n, r in runs.items()}, out.with_suffix(".png"), log_scale=True,
+                  title=f"AdaNS samplers, structured pruning of {args['model']} (A_thr {args['threshold']:g} %)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
@@ -66,7 +71,12 @@ def main() -> None:
     parser.add_argument("--samplers", default=",".join(SAMPLERS))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="benchmarks/adans_table1")
+    parser.add_argument("--plot-only", action="store_true", help="redraw <out>.png from <out>.json")
     args = parser.parse_args()
+    if args.plot_only:
+        result = json.loads(Path(args.out).with_suffix(".json").read_text())
+        plot(result["runs"], Path(args.out), result["args"])
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -144,8 +154,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    plot_progress({n: r["scores"] for n, r in runs.items()}, out.with_suffix(".png"),
-                  title=f"AdaNS samplers, structured pruning of {args.model} (A_thr {args.threshold:g} %)")
+    plot(runs, out, vars(args))
     print()
     print(f"original: held-out accuracy {reference['accuracy']:.2f} %, test {base_test:.2f} %, MACs {ev.base_cost:,}")
     print("| sampler | samples | score | accuracy held-out (%) | accuracy test (%) | MACs (%) | MACs |")

@@ -30,14 +30,24 @@ from lightning_prune import count_cost
 from lightning_prune.search import job, plot_progress
 
 
+def plot(adans_scores: list, tpe_scores: list, out: Path, sampler: str) -> None:
+    plot_progress({f"AdaNS-{sampler}": adans_scores, "Optuna TPE": tpe_scores}, out.with_suffix(".png"), log_scale=True,
+                  title=f"AdaNS-{sampler} vs Optuna TPE (every evaluation counted)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table1", required=True, help="JSON written by adans_table1.py")
     parser.add_argument("--sampler", default="gaussian", help="the AdaNS run of table1 to compare with")
     parser.add_argument("--out", default="benchmarks/adans_vs_tpe")
     parser.add_argument("--work", default=None, help="sweep folder (default: <out>_sweep)")
+    parser.add_argument("--plot-only", action="store_true", help="redraw <out>.png from <out>.json")
     args = parser.parse_args()
     table1 = json.loads(Path(args.table1).read_text())
+    if args.plot_only:
+        summary = json.loads(Path(args.out).with_suffix(".json").read_text())
+        plot(table1["runs"][args.sampler]["log_scores"], summary["tpe_values"], Path(args.out), args.sampler)
+        return
     t1 = table1["args"]
     adans = table1["runs"][args.sampler]
     trials = len(adans["log_scores"])
@@ -53,7 +63,7 @@ def main() -> None:
         "data.num_workers=0", f"search.checkpoint={t1['checkpoint']}", f"search.cost={t1['cost']}",
         f"search.eval_size={t1['eval_size']}", f"search.rank_size={t1['rank_size']}", "search.mode=score",
         f"search.reference_accuracy={table1['reference']['accuracy']}", f"search.threshold={t1['threshold']}",
-        "search.x={}",
+        f"search.threads={t1['threads'] or torch.get_num_threads()}", "search.x={}",
     ] + [f"+search.x.x{i}=interval(0.0,1.0)" for i in range(d)]
     print(" ".join(cmd[1:]))
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -99,8 +109,7 @@ def main() -> None:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
-    plot_progress({f"AdaNS-{args.sampler}": adans["log_scores"], "Optuna TPE": values}, out.with_suffix(".png"),
-                  title="AdaNS-Gaussian vs TPE (all evaluations)")
+    plot(adans["log_scores"], values, out, args.sampler)
     print("| method | evaluations | score | accuracy held-out (%) | accuracy test (%) | MACs (%) |")
     print("|---|---:|---:|---:|---:|---:|")
     a = summary["adans"]

@@ -14,9 +14,11 @@ def plot_progress(
     traces: Mapping[str, Sequence[float]],
     path: str | os.PathLike,
     title: str = "AdaNS: best score against evaluations",
+    log_scale: bool = False,
 ) -> Path:
     """Plot the best score so far against the number of evaluations, one line per run
-    (e.g. per sampler), and save it to ``path`` (PNG, SVG or PDF by suffix)."""
+    (e.g. per sampler), and save it to ``path`` (PNG, SVG or PDF by suffix). ``log_scale``:
+    logarithmic score axis (scores below the accuracy threshold are many decades smaller)."""
     if not traces:
         raise ValueError("traces must hold at least one run")
     import matplotlib
@@ -28,6 +30,8 @@ def plot_progress(
     for name, trace in traces.items():
         values = np.maximum.accumulate(np.asarray(trace, dtype=float))
         ax.plot(np.arange(1, len(values) + 1), values, label=name)
+    if log_scale:
+        ax.set_yscale("log")
     ax.set_xlabel("evaluations")
     ax.set_ylabel("best score f(x)")
     ax.set_title(title)
