@@ -17,10 +17,12 @@ from lightning_prune.callbacks.report import layer_table, plot_alive_channels
 
 class HardPruning(Callback):
     """At the start of epoch ``at_epoch``, replace the gates of the pruning callback in the
-    Trainer (:class:`BudgetAwareRegularization` or :class:`DirichletImportance`) by hard masks.
+    Trainer (:class:`BudgetAwareRegularization`, :class:`DirichletImportance` or
+    :class:`RandomPruning`) by hard masks.
 
     The masks come from that callback (BAR: alive channels, repaired to meet the budget;
-    Dirichlet: global allocation by importance per unit of cost) or from ``widths``
+    Dirichlet: global allocation by importance per unit of cost; Random: channels dropped at
+    random until the budget is met) or from ``widths``
     (``{group name: channels to keep}``). The final cost is checked against the budget.
 
     Args:
@@ -71,8 +73,8 @@ class HardPruning(Callback):
         found = [c for c in trainer.callbacks if isinstance(c, GatedPruning)]
         if len(found) != 1:
             raise ValueError(
-                "HardPruning needs exactly one gate-learning callback (BudgetAwareRegularization or "
-                f"DirichletImportance) in the Trainer, found {len(found)}"
+                "HardPruning needs exactly one channel-selection callback (BudgetAwareRegularization, "
+                f"DirichletImportance or RandomPruning) in the Trainer, found {len(found)}"
             )
         return found[0]
 

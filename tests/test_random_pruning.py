@@ -1,0 +1,108 @@
+"""RandomPruning, the random-pruning baseline: budget met on the shrunk network, the choice
+set by the seed, resume before and after pruning, a Hydra config, bad arguments."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+
+import lightning_prune
+from lightning_prune.callbacks import HardPruning, RandomPruning
+from lightning_prune.classifier import ImageClassifier
+from lightning_prune.models import CifarResNet
+from tests.bar_helpers import ForeignModule, tiny_loader
+from tests.conftest import compose_train
+
+TINY = (1, 8, 8)
+
+
+def trainer(**kwargs) -> L.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, num_sanity_val_steps=0)
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def _masks(seed: int, factor: float = 4.0) -> dict[str, torch.Tensor]:
+    random = RandomPruning(factor=factor, cost="volume", seed=seed, example_input=(3, 32, 32), verbose=False)
+    random.setup(trainer(), ImageClassifier(CifarResNet(20), 10, optimizer=torch.optim.Adam), "fit")
+    masks = random.keep_masks()
+    assert random.cost_model.exact(masks, "volume") <= random.target_cost
+    return masks
+
+
+def test_random_masks_meet_the_budget_spread_over_groups_and_follow_the_seed():
+    a, b, again = _masks(0), _masks(1), _masks(0)
+    assert all(torch.equal(a[n], again[n]) for n in a)
+    assert any(not torch.equal(a[n], b[n]) for n in a)
+    kept = torch.tensor([float(m.float().mean()) for m in a.values()])
+    # uniform over channels: every group keeps about the same share, none is emptied
+    assert bool((kept > 0).all()) and float(kept.std()) < 0.2
+    # the random order stops as soon as the budget is met: dropping was needed and it did not overshoot far
+    sixteen = _masks(0, factor=16)
+    assert sum(int(m.sum()) for m in sixteen.values()) < sum(int(m.sum()) for m in a.values())
+
+
+def test_resnet20_is_shrunk_to_the_volume_budget_after_dense_epochs():
+    L.seed_everything(0)
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    module = ImageClassifier(CifarResNet(20), 10, optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9))
+    random = RandomPruning(factor=8, cost="volume", example_input=(3, 32, 32), verbose=False)
+    t = trainer(max_epochs=2, callbacks=[random, HardPruning(at_epoch=1, plot=False, verbose=False)])
+    t.fit(module, loader)
+    full = lightning_prune.count_cost(CifarResNet(20), torch.zeros(1, 3, 32, 32)).volume
+    small = lightning_prune.export(module)
+    assert lightning_prune.count_cost(small, torch.zeros(1, 3, 32, 32)).volume <= full / 8
+    assert lightning_prune.count_cost(module.net, torch.zeros(1, 3, 32, 32)).volume <= full / 8  # trained small
+    assert small(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def _resume_run(tmp_path: Path, ckpt: str | None) -> ForeignModule:
+    L.seed_everything(0)
+    module = ForeignModule()
+    callbacks = [
+        RandomPruning(factor=3, cost="macs", seed=5, example_input=TINY, verbose=False),
+        HardPruning(at_epoch=2, plot=False, verbose=False),
+        L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}"),
+    ]
+    t = trainer(max_epochs=4, enable_checkpointing=True, callbacks=callbacks)
+    t.fit(module, tiny_loader(16, n=64, shuffle=True), ckpt_path=ckpt)
+    return module
+
+
+def _tensors(module: ForeignModule) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def test_resume_before_and_after_pruning_reaches_the_same_end_state(tmp_path):
+    straight = _resume_run(tmp_path, None)
+    final = _tensors(straight)
+    assert straight.backbone_and_head.conv1.out_channels < 8 or straight.backbone_and_head.conv2.out_channels < 12
+    for ckpt in ("epoch=0.ckpt", "epoch=2.ckpt"):  # dense phase; after pruning and shrinking
+        state = _tensors(_resume_run(tmp_path / "again", str(tmp_path / ckpt)))
+        assert state.keys() == final.keys(), ckpt
+        for k in final:
+            assert torch.allclose(state[k].float(), final[k].float(), atol=1e-6), (ckpt, k)
+
+
+def test_hydra_config_composes_with_a_budget(tmp_path):
+    cfg = compose_train(["experiment=bar_resnet20_cifar10", "pruning=random", "pruning.prune_epoch=3", "budget.factor=8"],
+                        tmp_path)
+    callback = instantiate(cfg.pruning.random)
+    assert isinstance(callback, RandomPruning) and callback.budget == pytest.approx(1 / 8) and callback.cost == "volume"
+    assert instantiate(cfg.pruning.hard_pruning).at_epoch == 3
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [({"factor": 2, "seed": -1}, ValueError, "seed"), ({"factor": 2, "seed": 1.5}, TypeError, "seed"),
+     ({"factor": 2, "cost": "flops"}, ValueError, "cost"), ({}, ValueError, "budget")],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        RandomPruning(**kwargs)
