@@ -31,6 +31,26 @@ def _instantiate_dict(section: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in section.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
+def load_network_weights(net: torch.nn.Module, path: str | Path) -> None:
+    """Load trained weights into ``net`` (the network, not the LightningModule) from ``path``:
+    a Lightning checkpoint of ``ImageClassifier`` (its ``state_dict`` entries under ``net.``) or
+    a plain ``state_dict`` of the network. The shapes must match (a dense network's weights)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from: no file {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"init_from: {path} holds a {type(state).__name__}, not a checkpoint or state_dict")
+    if isinstance(state.get("state_dict"), dict):
+        state = {k[len("net."):]: v for k, v in state["state_dict"].items() if k.startswith("net.")}
+        if not state:
+            raise ValueError(f"init_from: the checkpoint {path} has no 'net.' weights (not an ImageClassifier checkpoint)")
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"init_from: the weights in {path} do not fit {type(net).__name__}: {error}") from error
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Datamodule, LightningModule and Trainer from a composed config."""
     datamodule = instantiate(cfg.data)
@@ -55,6 +75,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule, module, trainer = build(cfg)
+    if cfg.get("init_from"):
+        load_network_weights(module.net, cfg.init_from)
     example = torch.zeros(1, *datamodule.input_shape)
     dense = copy.deepcopy(module.net).cpu() if cfg.get("pruning") else None
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

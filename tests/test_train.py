@@ -145,3 +145,27 @@ def test_wheel_installs_with_its_configs(tmp_path, data_dir):
     result = _run_cli(FAST, work, python=py)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MACs / image   : 2,293,000" in result.stdout + result.stderr
+
+
+def test_init_from_loads_a_lightning_checkpoint_or_a_state_dict(tmp_path):
+    from lightning_prune.models import LeNet5
+    from lightning_prune.train import load_network_weights
+
+    trained = LeNet5()
+    torch.save({"state_dict": {f"net.{k}": v for k, v in trained.state_dict().items()}, "epoch": 3}, tmp_path / "a.ckpt")
+    torch.save(trained.state_dict(), tmp_path / "b.pt")
+    for name in ("a.ckpt", "b.pt"):
+        net = LeNet5()
+        load_network_weights(net, tmp_path / name)
+        assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), trained.state_dict().values()))
+    with pytest.raises(ValueError, match="init_from: the weights .* do not fit"):
+        load_network_weights(LeNet5(width=0.5), tmp_path / "b.pt")
+    torch.save({"state_dict": {"model.w": torch.zeros(1)}}, tmp_path / "c.ckpt")
+    with pytest.raises(ValueError, match="no 'net.' weights"):
+        load_network_weights(LeNet5(), tmp_path / "c.ckpt")
+
+
+def test_run_starts_from_init_from(tmp_path, data_dir):
+    cfg = compose_train(["experiment=lenet5_mnist", f"init_from={tmp_path / 'missing.ckpt'}", *FAST[:3]], tmp_path)
+    with pytest.raises(FileNotFoundError, match="init_from: no file"):
+        run(cfg)
