@@ -3,9 +3,11 @@
 
 Every run is the user command ``python -m lightning_prune.train experiment=bar_resnet20_cifar10
 ...`` (a 10,000-image training subset, 17 epochs: 10 with gates / dense, hard pruning at epoch
-10, 7 more on the shrunk network, the learning rate 10x lower for the last 2):
+10, 7 more on the shrunk network, the learning rate 10x lower for the last 2; no validation
+passes, ``trainer.limit_val_batches=0``, since nothing here selects on them):
 
-- ``bar``: BudgetAwareRegularization + SigmoidalBudgetAnnealing + HardPruning;
+- ``bar``: BudgetAwareRegularization + SigmoidalBudgetAnnealing + HardPruning (``pruning=bar``
+  defaults); ``bar_gate_lr_0.005``: the same with the gates' learning rate 4x lower;
 - ``random``: ``pruning=random`` (RandomPruning: the dense network trains 10 epochs, then channels
   chosen at random are dropped until the budget is met, and the shrunk network trains on);
 - ``width``: ``pruning=null model.width=w``, the largest width multiplier (on a 1/256 grid) whose
@@ -15,11 +17,13 @@ The activation volume (output elements of every convolution and linear layer, pe
 counted with ``count_cost`` on the final network (the exported ``pruned_model.pt``, or the
 width-scaled ResNet-20), against the budget full / factor.
 
-    python benchmarks/bar_resnet20_cifar10.py run --out /work/runs_r20 [--shard 0/2] [--threads 1]
+    python benchmarks/bar_resnet20_cifar10.py run --out /work/runs_r20 [--threads 1]   # in 2 processes
     python benchmarks/bar_resnet20_cifar10.py table --out /work/runs_r20
 
-``run`` skips runs whose ``result.json`` exists (so it can be restarted, or split over
-processes with ``--shard i/n``); ``table`` prints the Markdown table of RESULTS.md.
+``run`` claims each run by creating ``<out>/<method>_f<factor>/claimed`` and skips runs that
+another process claimed, so several processes can work through the same list; after an
+interruption, delete the folders without ``result.json`` and start again. ``table`` prints
+the Markdown table of RESULTS.md.
 """
 
 from __future__ import annotations
@@ -39,7 +43,13 @@ from lightning_prune import count_cost, load_pruned
 from lightning_prune.cost.measure import output_widths
 from lightning_prune.models import CifarResNet
 
-METHODS = ("bar", "random", "width")
+# method -> overrides on top of the common ones ("width" adds its width multiplier)
+METHODS = {
+    "bar": [],
+    "bar_gate_lr_0.005": ["pruning.bar.gate_lr=0.005"],
+    "random": ["pruning=random", "pruning.prune_epoch=10"],
+    "width": ["pruning=null"],
+}
 FACTORS = (2, 4, 8, 16)
 EXAMPLE = torch.zeros(1, 3, 32, 32)
 
@@ -63,12 +73,9 @@ def width_for(factor: int) -> float:
 
 def overrides(method: str, factor: int, run_dir: Path) -> list[str]:
     common = ["experiment=bar_resnet20_cifar10", f"budget.factor={factor}", "data.num_workers=0",
-              "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"]
-    if method == "bar":
-        return common
-    if method == "random":
-        return common + ["pruning=random", "pruning.prune_epoch=10"]
-    return common + ["pruning=null", f"model.width={width_for(factor)}"]
+              "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"]
+    extra = METHODS[method] + ([f"model.width={width_for(factor)}"] if method == "width" else [])
+    return common + extra
 
 
 def test_accuracy(run_dir: Path) -> float:
@@ -83,13 +90,15 @@ def test_accuracy(run_dir: Path) -> float:
 def run_one(method: str, factor: int, out: Path, threads: int) -> None:
     run_dir = (out / f"{method}_f{factor}").resolve()
     result_path = run_dir / "result.json"
-    if result_path.exists():
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:  # claimed by this process (several processes can share one --out)
+        os.close(os.open(run_dir / "claimed", os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
         return
     args = overrides(method, factor, run_dir)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
     load_before = os.getloadavg()[0]
-    run_dir.mkdir(parents=True, exist_ok=True)
     with (run_dir / "stdout.log").open("w") as log:
         subprocess.run([sys.executable, "-m", "lightning_prune.train", *args], env=env, stdout=log, stderr=subprocess.STDOUT,
                        check=True)
@@ -132,7 +141,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--factors", default=",".join(map(str, FACTORS)))
-    parser.add_argument("--shard", default="0/1", help="i/n: run every n-th of the runs, starting at the i-th")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     if args.command == "table":
@@ -142,9 +150,7 @@ def main() -> None:
     if unknown := set(methods) - set(METHODS):
         raise ValueError(f"--methods: unknown {sorted(unknown)}; choose from {METHODS}")
     factors = [int(f) for f in args.factors.split(",")]
-    index, count = (int(v) for v in args.shard.split("/"))
-    runs = [(m, f) for f in factors for m in methods][index::count]
-    for method, factor in runs:
+    for method, factor in [(m, f) for f in factors for m in methods]:
         run_one(method, factor, args.out, args.threads)
 
 
