@@ -10,7 +10,7 @@ passes, ``trainer.limit_val_batches=0``, since nothing here selects on them):
   defaults); ``bar_gate_lr_0.005``: the same with the gates' learning rate 4x lower;
 - ``random``: ``pruning=random`` (RandomPruning: the dense network trains 10 epochs, then channels
   chosen at random are dropped until the budget is met, and the shrunk network trains on);
-- ``width``: ``pruning=null model.width=w``, the largest width multiplier (on a 1/256 grid) whose
+- ``width``: ``~pruning model.width=w``, the largest width multiplier (on a 1/256 grid) whose
   network is within the budget, trained for the 17 epochs.
 
 The activation volume (output elements of every convolution and linear layer, per image) is
@@ -48,7 +48,7 @@ METHODS = {
     "bar": [],
     "bar_gate_lr_0.005": ["pruning.bar.gate_lr=0.005"],
     "random": ["pruning=random", "pruning.prune_epoch=10"],
-    "width": ["pruning=null"],
+    "width": ["~pruning"],
 }
 FACTORS = (2, 4, 8, 16)
 EXAMPLE = torch.zeros(1, 3, 32, 32)

@@ -17,6 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_prune.callbacks import GatedPruning
 from lightning_prune.configs import config_dir
 from lightning_prune.cost import count_cost
 from lightning_prune.cost.measure import output_widths
@@ -78,7 +79,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("init_from"):
         load_network_weights(module.net, cfg.init_from)
     example = torch.zeros(1, *datamodule.input_shape)
-    dense = copy.deepcopy(module.net).cpu() if cfg.get("pruning") else None
+    pruned = any(isinstance(c, GatedPruning) for c in trainer.callbacks)
+    dense = copy.deepcopy(module.net).cpu() if pruned else None
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test"):

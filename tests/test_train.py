@@ -169,3 +169,12 @@ def test_run_starts_from_init_from(tmp_path, data_dir):
     cfg = compose_train(["experiment=lenet5_mnist", f"init_from={tmp_path / 'missing.ckpt'}", *FAST[:3]], tmp_path)
     with pytest.raises(FileNotFoundError, match="init_from: no file"):
         run(cfg)
+
+
+def test_removing_the_pruning_group_trains_the_dense_network(tmp_path, data_dir, capsys):
+    # the experiment keeps its own `pruning.soft_epochs` key, but no pruning callback remains
+    cfg = compose_train(["experiment=bar_lenet5_mnist", "~pruning", *FAST], tmp_path)
+    assert "bar" not in cfg.pruning
+    metrics = run(cfg)
+    assert metrics["macs"] == 2_293_000 and not (tmp_path / "pruned_model.pt").exists()
+    assert "CPU speedup" not in capsys.readouterr().out
