@@ -61,6 +61,12 @@ def test_penalty_matches_hand_computed_barrier_and_expected_cost():
     assert bar.last["expected_V"] == pytest.approx(expected, rel=1e-6)
     assert bar.last["f"] == pytest.approx(g * g / (1 - g), rel=1e-9)
     assert float(value) == pytest.approx(0.5 * g * g / (1 - g) * expected / 708, rel=1e-6)
+    # penalty="channels": L_S is the expected share of open channels; f still from the cost
+    bar.penalty = "channels"
+    channels = (8 * p_open(0) + 6 * p_open(0) + 6 * p_open(-5)) / 20
+    assert float(bar.regularizer()) == pytest.approx(0.5 * g * g / (1 - g) * channels, rel=1e-6)
+    assert bar.last["L_S"] == pytest.approx(channels, rel=1e-6) and bar.last["V"] == v
+    bar.penalty = "cost"
     # at or over the budget the barrier is capped, counted and still finite
     bar.current_budget = 600.0
     value = bar.regularizer()
@@ -234,6 +240,7 @@ def test_foreign_lightning_module_is_pruned_without_edits():
         ({"factor": 2, "margin": 1.0}, ValueError, "margin"),
         ({"factor": 2, "alpha": 2}, ValueError, "alpha"),
         ({"factor": 2, "gate_lr": 0}, ValueError, "gate_lr"),
+        ({"factor": 2, "penalty": "flops"}, ValueError, "penalty"),
         ({"factor": 2, "ignore": "conv1"}, TypeError, "ignore"),
     ],
 )

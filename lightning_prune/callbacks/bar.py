@@ -69,6 +69,11 @@ class BudgetAwareRegularization(GatedPruning):
             the user's loss gradient is blended with ``T^2 KL(teacher || student)``
             (``alpha`` of the latter), assuming the user's loss is a batch mean.
         temperature, alpha: of the distillation.
+        penalty: what ``L_S`` measures: ``"cost"`` (the paper: the expected cost over the full
+            cost) or ``"channels"`` (the expected number of open channels over all channels).
+            The barrier ``f`` and the budget always use the cost. With ``"channels"`` every
+            gate is pushed alike and the data loss decides which channels close, instead of
+            the most expensive ones closing first (see benchmarks/RESULTS.md, LeNet-5 MACs).
     """
 
     def __init__(
@@ -81,6 +86,7 @@ class BudgetAwareRegularization(GatedPruning):
         distillation: bool = False,
         temperature: float = 4.0,
         alpha: float = 0.9,
+        penalty: str = "cost",
         gate_lr: float = 0.02,
         module: str | None = None,
         example_input: Any = None,
@@ -103,6 +109,9 @@ class BudgetAwareRegularization(GatedPruning):
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.distillation = distillation
+        if penalty not in ("cost", "channels"):
+            raise ValueError(f"penalty must be 'cost' or 'channels', got {penalty!r}")
+        self.penalty = penalty
         self.current_budget: float = 0.0  # b; set in setup, moved by SigmoidalBudgetAnnealing
         self.capped_steps = 0
         self.teacher: torch.nn.Module | None = None
@@ -156,7 +165,10 @@ class BudgetAwareRegularization(GatedPruning):
         f = barrier(v, a, b)
         if f.capped:
             self.capped_steps += 1
-        l_s = expected / self.full_cost
+        if self.penalty == "channels":
+            l_s = sum(p.sum() for p in probs.values()) / self.graph.num_channels
+        else:
+            l_s = expected / self.full_cost
         self.last = {
             "b": b, "V": v, "expected_V": float(expected.detach()), "f": f.value, "L_S": float(l_s.detach()),
             "cost_vs_budget": v / self.target_cost, "capped_steps": float(self.capped_steps),
