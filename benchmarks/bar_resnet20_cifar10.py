@@ -11,7 +11,10 @@ passes, ``trainer.limit_val_batches=0``, since nothing here selects on them):
 - ``random``: ``pruning=random`` (RandomPruning: the dense network trains 10 epochs, then channels
   chosen at random are dropped until the budget is met, and the shrunk network trains on);
 - ``width``: ``~pruning model.width=w``, the largest width multiplier (on a 1/256 grid) whose
-  network is within the budget, trained for the 17 epochs.
+  network is within the budget, trained for the 17 epochs;
+- not in the default list, with ``--init-from <trained ResNet-20 .ckpt>``: ``bar_from_trained``
+  (BAR from the trained network, distilling from it) and ``random_from_trained`` (the random
+  baseline from the same weights), same 17 epochs.
 
 The activation volume (output elements of every convolution and linear layer, per image) is
 counted with ``count_cost`` on the final network (the exported ``pruned_model.pt``, or the
@@ -49,7 +52,11 @@ METHODS = {
     "bar_gate_lr_0.005": ["pruning.bar.gate_lr=0.005"],
     "random": ["pruning=random", "pruning.prune_epoch=10"],
     "width": ["~pruning"],
+    # from a trained network (--init-from), not in the default list
+    "bar_from_trained": ["init_from={init_from}", "pruning.bar.distillation=true"],
+    "random_from_trained": ["init_from={init_from}", "pruning=random", "pruning.prune_epoch=10"],
 }
+DEFAULT_METHODS = ("bar", "bar_gate_lr_0.005", "random", "width")
 FACTORS = (2, 4, 8, 16)
 EXAMPLE = torch.zeros(1, 3, 32, 32)
 
@@ -71,10 +78,12 @@ def width_for(factor: int) -> float:
     return best
 
 
-def overrides(method: str, factor: int, run_dir: Path) -> list[str]:
+def overrides(method: str, factor: int, run_dir: Path, init_from: str | None = None) -> list[str]:
     common = ["experiment=bar_resnet20_cifar10", f"budget.factor={factor}", "data.num_workers=0",
               "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"]
-    extra = METHODS[method] + ([f"model.width={width_for(factor)}"] if method == "width" else [])
+    extra = [o.format(init_from=init_from) for o in METHODS[method]]
+    if method == "width":
+        extra.append(f"model.width={width_for(factor)}")
     return common + extra
 
 
@@ -87,7 +96,7 @@ def test_accuracy(run_dir: Path) -> float:
     raise FileNotFoundError(f"no test/acc in {run_dir}/**/metrics.csv")
 
 
-def run_one(method: str, factor: int, out: Path, threads: int) -> None:
+def run_one(method: str, factor: int, out: Path, threads: int, init_from: str | None) -> None:
     run_dir = (out / f"{method}_f{factor}").resolve()
     result_path = run_dir / "result.json"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -95,7 +104,7 @@ def run_one(method: str, factor: int, out: Path, threads: int) -> None:
         os.close(os.open(run_dir / "claimed", os.O_CREAT | os.O_EXCL))
     except FileExistsError:
         return
-    args = overrides(method, factor, run_dir)
+    args = overrides(method, factor, run_dir, init_from)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
     load_before = os.getloadavg()[0]
@@ -124,11 +133,12 @@ def table(out: Path) -> str:
     if not results:
         raise FileNotFoundError(f"no */result.json under {out}")
     full = next(iter(results.values()))["full_volume"]
-    lines = ["| volume factor | budget (volume) | " + " | ".join(f"{m}: test acc % (volume, MACs)" for m in METHODS) + " |",
-             "|---:|---:|" + "---|" * len(METHODS)]
+    methods = [m for m in METHODS if any(k[0] == m for k in results)]
+    lines = ["| volume factor | budget (volume) | " + " | ".join(f"{m}: test acc % (volume, MACs)" for m in methods) + " |",
+             "|---:|---:|" + "---|" * len(methods)]
     for factor in FACTORS:
         cells = []
-        for m in METHODS:
+        for m in methods:
             r = results.get((m, factor))
             cells.append("-" if r is None else f"**{100 * r['test_accuracy']:.2f}** ({r['volume']:,}, {r['macs']:,})")
         lines.append(f"| {factor} | {full / factor:,.0f} | " + " | ".join(cells) + " |")
@@ -139,7 +149,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("run", "table"))
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    parser.add_argument("--init-from", default=None, help="trained ResNet-20 checkpoint for the *_from_trained methods")
     parser.add_argument("--factors", default=",".join(map(str, FACTORS)))
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -149,9 +160,11 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     if unknown := set(methods) - set(METHODS):
         raise ValueError(f"--methods: unknown {sorted(unknown)}; choose from {METHODS}")
+    if any(m.endswith("_from_trained") for m in methods) and not args.init_from:
+        raise ValueError("--init-from: the *_from_trained methods need a trained ResNet-20 checkpoint")
     factors = [int(f) for f in args.factors.split(",")]
     for method, factor in [(m, f) for f in factors for m in methods]:
-        run_one(method, factor, args.out, args.threads)
+        run_one(method, factor, args.out, args.threads, args.init_from)
 
 
 if __name__ == "__main__":
