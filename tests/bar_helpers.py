@@ -53,3 +53,42 @@ def tiny_data(n: int = 128, seed: int = 0) -> TensorDataset:
 
 def tiny_loader(batch_size: int = 32, n: int = 128, shuffle: bool = False) -> DataLoader:
     return DataLoader(tiny_data(n), batch_size=batch_size, shuffle=shuffle)
+
+
+TINY = (1, 8, 8)  # the input shape of TinyCNN (one image)
+
+
+def trainer(**kwargs) -> L.Trainer:
+    """A quiet CPU Trainer (no logger, checkpoints, progress bar or sanity steps unless given)."""
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, num_sanity_val_steps=0)
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def tensor_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` without the ``_extra_state`` entries (pruning histories)."""
+    return {k: v for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def fit_with_checkpoints(folder, callbacks: list, ckpt: str | None = None, epochs: int = 4) -> ForeignModule:
+    """Train ``ForeignModule`` from seed 0 on shuffled tiny data with ``callbacks``, saving a
+    checkpoint ``epoch=<n>.ckpt`` per epoch in ``folder``; resumed from ``ckpt`` if given."""
+    L.seed_everything(0)
+    module = ForeignModule()
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, save_top_k=-1, filename="{epoch}")
+    t = trainer(max_epochs=epochs, enable_checkpointing=True, callbacks=[*callbacks, checkpoints])
+    t.fit(module, tiny_loader(16, n=64, shuffle=True), ckpt_path=ckpt)
+    return module
+
+
+def assert_resumes_to_the_same_state(folder, make_callbacks, checkpoints=("epoch=0.ckpt", "epoch=2.ckpt")) -> ForeignModule:
+    """Resuming from each of ``checkpoints`` of an uninterrupted run (fresh callbacks from
+    ``make_callbacks()`` every run) must end with the same tensors; returns the uninterrupted module."""
+    straight = fit_with_checkpoints(folder, make_callbacks())
+    final = tensor_state(straight)
+    for ckpt in checkpoints:
+        state = tensor_state(fit_with_checkpoints(folder / "again", make_callbacks(), str(folder / ckpt)))
+        assert state.keys() == final.keys(), ckpt
+        for k in final:
+            assert torch.allclose(state[k].float(), final[k].float(), atol=1e-6), (ckpt, k)
+    return straight

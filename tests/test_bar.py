@@ -3,7 +3,6 @@ shrunk network, bf16, gradient accumulation, DDP, resume, and a foreign Lightnin
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -23,15 +22,7 @@ from lightning_prune.classifier import ImageClassifier
 from lightning_prune.data import MNISTDataModule
 from lightning_prune.gates import HardConcreteGate
 from lightning_prune.models import CifarResNet, LeNet5
-from tests.bar_helpers import ForeignModule, tiny_loader
-
-TINY = (1, 8, 8)
-
-
-def trainer(**kwargs) -> L.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, num_sanity_val_steps=0)
-    return L.Trainer(**{**defaults, **kwargs})
+from tests.bar_helpers import TINY, ForeignModule, assert_resumes_to_the_same_state, tiny_loader, trainer
 
 
 @pytest.fixture
@@ -189,30 +180,14 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_global_batch(tmp_path)
         assert torch.allclose(ranks[0][key], ref[key], atol=1e-5), key  # same as one process
 
 
-def _resume_run(tmp_path: Path, ckpt: str | None, epochs: int = 4):
-    L.seed_everything(0)
-    module = ForeignModule()
-    callbacks = [
-        BudgetAwareRegularization(factor=3, cost="volume", example_input=TINY, verbose=False),
-        SigmoidalBudgetAnnealing(until_epoch=2),
-        HardPruning(at_epoch=2, plot=False, verbose=False),
-        L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}"),
-    ]
-    t = trainer(max_epochs=epochs, enable_checkpointing=True, callbacks=callbacks)
-    t.fit(module, tiny_loader(16, n=64, shuffle=True), ckpt_path=ckpt)
-    return module
-
-
 def test_resume_mid_soft_phase_and_after_shrinking_reaches_the_same_end_state(tmp_path):
-    straight = _resume_run(tmp_path, None)
-    final = {k: v for k, v in straight.state_dict().items() if not k.endswith("_extra_state")}
+    def callbacks():
+        return [BudgetAwareRegularization(factor=3, cost="volume", example_input=TINY, verbose=False),
+                SigmoidalBudgetAnnealing(until_epoch=2), HardPruning(at_epoch=2, plot=False, verbose=False)]
+
+    # checkpoints mid soft phase (epoch 0) and after hard pruning and shrinking (epoch 2)
+    straight = assert_resumes_to_the_same_state(tmp_path, callbacks)
     assert straight.backbone_and_head.conv1.out_channels < 8 or straight.backbone_and_head.conv2.out_channels < 12
-    for ckpt in ("epoch=0.ckpt", "epoch=2.ckpt"):  # mid soft phase; after hard pruning and shrinking
-        resumed = _resume_run(tmp_path / "again", str(tmp_path / ckpt))
-        state = {k: v for k, v in resumed.state_dict().items() if not k.endswith("_extra_state")}
-        assert state.keys() == final.keys(), ckpt
-        for k in final:
-            assert torch.allclose(state[k].float(), final[k].float(), atol=1e-6), (ckpt, k)
 
 
 def test_foreign_lightning_module_is_pruned_without_edits():

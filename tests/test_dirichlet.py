@@ -23,11 +23,8 @@ from lightning_prune.classifier import ImageClassifier
 from lightning_prune.data import MNISTDataModule
 from lightning_prune.models import LeNet5
 from lightning_prune.train import run
-from tests.bar_helpers import ForeignModule, tiny_loader
-from tests.test_bar import trainer
+from tests.bar_helpers import TINY, ForeignModule, assert_resumes_to_the_same_state, tensor_state, tiny_loader, trainer
 from tests.conftest import compose_train
-
-TINY = (1, 8, 8)
 THETA0 = torch.log(torch.expm1(torch.tensor(1.0)))  # softplus^-1(1): a fresh switch's theta
 
 
@@ -282,29 +279,14 @@ def test_foreign_module_is_pruned_without_edits_with_the_gamma_estimator():
     assert len(calls) == 1  # the S-sample averaging hook is gone too
 
 
-def _resume_run(tmp_path: Path, ckpt: str | None):
-    L.seed_everything(0)
-    module = ForeignModule()
-    callbacks = [
-        DirichletImportance(factor=3, cost="macs", estimator="gamma", samples=2, layerwise=True, example_input=TINY,
-                            verbose=False),
-        HardPruning(at_epoch=2, plot=False, verbose=False),
-        L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}"),
-    ]
-    t = trainer(max_epochs=4, enable_checkpointing=True, callbacks=callbacks)
-    t.fit(module, tiny_loader(16, n=64, shuffle=True), ckpt_path=ckpt)
-    return module
-
-
 def test_resume_mid_switch_phase_and_after_shrinking_reaches_the_same_end_state(tmp_path):
-    straight = _resume_run(tmp_path, None)
-    final = {k: v for k, v in straight.state_dict().items() if not k.endswith("_extra_state")}
-    for ckpt in ("epoch=0.ckpt", "epoch=2.ckpt"):  # layer by layer, half way; after hard pruning
-        resumed = _resume_run(tmp_path / "again", str(tmp_path / ckpt))
-        state = {k: v for k, v in resumed.state_dict().items() if not k.endswith("_extra_state")}
-        assert state.keys() == final.keys(), ckpt
-        for k in final:
-            assert torch.allclose(state[k].float(), final[k].float(), atol=1e-6), (ckpt, k)
+    def callbacks():
+        return [DirichletImportance(factor=3, cost="macs", estimator="gamma", samples=2, layerwise=True,
+                                    example_input=TINY, verbose=False),
+                HardPruning(at_epoch=2, plot=False, verbose=False)]
+
+    # checkpoints layer by layer half way (epoch 0) and after hard pruning (epoch 2)
+    assert_resumes_to_the_same_state(tmp_path, callbacks)
 
 
 def ddp_run(out: str, devices: int) -> None:
@@ -324,7 +306,7 @@ def ddp_run(out: str, devices: int) -> None:
         loader = DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler)
     t.fit(module, loader)
     Path(out).mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in module.state_dict().items() if not k.endswith("_extra_state")},
+    torch.save({k: v.detach().cpu() for k, v in tensor_state(module).items()},
                Path(out) / f"rank{t.global_rank}.pt")
 
 

@@ -4,7 +4,6 @@ set by the seed, resume before and after pruning, a Hydra config, bad arguments.
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -15,16 +14,8 @@ import lightning_prune
 from lightning_prune.callbacks import HardPruning, RandomPruning
 from lightning_prune.classifier import ImageClassifier
 from lightning_prune.models import CifarResNet
-from tests.bar_helpers import ForeignModule, tiny_loader
+from tests.bar_helpers import TINY, assert_resumes_to_the_same_state, trainer
 from tests.conftest import compose_train
-
-TINY = (1, 8, 8)
-
-
-def trainer(**kwargs) -> L.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, num_sanity_val_steps=0)
-    return L.Trainer(**{**defaults, **kwargs})
 
 
 def _masks(seed: int, factor: float = 4.0) -> dict[str, torch.Tensor]:
@@ -62,32 +53,14 @@ def test_resnet20_is_shrunk_to_the_volume_budget_after_dense_epochs():
     assert small(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
-def _resume_run(tmp_path: Path, ckpt: str | None) -> ForeignModule:
-    L.seed_everything(0)
-    module = ForeignModule()
-    callbacks = [
-        RandomPruning(factor=3, cost="macs", seed=5, example_input=TINY, verbose=False),
-        HardPruning(at_epoch=2, plot=False, verbose=False),
-        L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}"),
-    ]
-    t = trainer(max_epochs=4, enable_checkpointing=True, callbacks=callbacks)
-    t.fit(module, tiny_loader(16, n=64, shuffle=True), ckpt_path=ckpt)
-    return module
-
-
-def _tensors(module: ForeignModule) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
-
-
 def test_resume_before_and_after_pruning_reaches_the_same_end_state(tmp_path):
-    straight = _resume_run(tmp_path, None)
-    final = _tensors(straight)
+    def callbacks():
+        return [RandomPruning(factor=3, cost="macs", seed=5, example_input=TINY, verbose=False),
+                HardPruning(at_epoch=2, plot=False, verbose=False)]
+
+    # checkpoints in the dense phase (epoch 0) and after pruning and shrinking (epoch 2)
+    straight = assert_resumes_to_the_same_state(tmp_path, callbacks)
     assert straight.backbone_and_head.conv1.out_channels < 8 or straight.backbone_and_head.conv2.out_channels < 12
-    for ckpt in ("epoch=0.ckpt", "epoch=2.ckpt"):  # dense phase; after pruning and shrinking
-        state = _tensors(_resume_run(tmp_path / "again", str(tmp_path / ckpt)))
-        assert state.keys() == final.keys(), ckpt
-        for k in final:
-            assert torch.allclose(state[k].float(), final[k].float(), atol=1e-6), (ckpt, k)
 
 
 def test_hydra_config_composes_with_a_budget(tmp_path):
