@@ -11,7 +11,6 @@ and the compressed network with the same recipe, reporting the papers/003 Table 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator

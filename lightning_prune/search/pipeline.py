@@ -30,7 +30,7 @@ from lightning_prune.search.boundary import BoundaryCharacterization
 from lightning_prune.search.loop import AdaNS
 from lightning_prune.search.samplers import Sampler, make_sampler
 from lightning_prune.search.score import Scorer
-from lightning_prune.search.space import Box, SearchSpace
+from lightning_prune.search.space import SearchSpace
 
 PHASES = ("reference", "boundary", "search", "done")
 DECIMALS = 6
