@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lightning_prune._checks import check_int
 from lightning_prune.budget import finite_real
 
 __all__ = [
@@ -36,14 +37,6 @@ __all__ = [
 ]
 
 
-def _check_num_channels(num_channels: object) -> int:
-    if isinstance(num_channels, bool) or not isinstance(num_channels, int):
-        raise TypeError(f"num_channels must be an int, got {type(num_channels).__name__}")
-    if num_channels < 1:
-        raise ValueError(f"num_channels must be >= 1, got {num_channels}")
-    return num_channels
-
-
 class ChannelGate(nn.Module, ABC):
     """Abstract per-channel gate. Subclasses set ``num_channels`` and implement the three methods."""
 
@@ -51,7 +44,7 @@ class ChannelGate(nn.Module, ABC):
 
     def __init__(self, num_channels: int) -> None:
         super().__init__()
-        self.num_channels = _check_num_channels(num_channels)
+        self.num_channels = check_int("num_channels", num_channels)
 
     @abstractmethod
     def forward(self) -> Tensor:
@@ -271,9 +264,7 @@ class DirichletSwitch(ChannelGate):
     @torch.no_grad()
     def keep_top(self, k: int) -> Tensor:
         """Boolean mask of the ``k`` channels with the largest posterior mean (ties: lower index first)."""
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"k must be an int, got {type(k).__name__}")
-        if not 0 <= k <= self.num_channels:
+        if check_int("k", k, 0) > self.num_channels:
             raise ValueError(f"k must be in [0, {self.num_channels}], got {k}")
         order = torch.sort(self.concentration(), descending=True, stable=True).indices
         mask = torch.zeros(self.num_channels, dtype=torch.bool, device=self.theta.device)

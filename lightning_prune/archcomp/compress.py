@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_prune.archcomp._checks import check_int
+from lightning_prune._checks import check_int
 from lightning_prune.archcomp.compressor import ArchitectureCompressor
 from lightning_prune.archcomp.data import make_sample
 from lightning_prune.archcomp.tokens import InvalidArchitecture, Plan, Token, build, plan

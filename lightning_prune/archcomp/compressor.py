@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.regression import SpearmanCorrCoef
 
-from lightning_prune.archcomp._checks import check_int
+from lightning_prune._checks import check_int
 from lightning_prune.archcomp.tokens import NUM_FIELDS, pad_sequences
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_prune.archcomp._checks import check_int
+from lightning_prune._checks import check_int
 from lightning_prune.archcomp.generate import ArchitectureRecord, load_dataset
 from lightning_prune.archcomp.tokens import pad_sequences
 

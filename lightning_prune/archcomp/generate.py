@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_prune.archcomp._checks import check_int
+from lightning_prune._checks import check_int
 from lightning_prune.archcomp.sampler import ArchitectureSampler
 from lightning_prune.archcomp.tokens import Token, build
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from lightning_prune.archcomp._checks import check_int
+from lightning_prune._checks import check_int
 from lightning_prune.archcomp.tokens import check_input_shape
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_prune.archcomp._checks import check_int
+from lightning_prune._checks import check_int
 from lightning_prune.archcomp.tokens import (
     MAX_DROPOUT_TENTHS,
     POOLS,

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from lightning_prune.archcomp._checks import check_int
+from lightning_prune._checks import check_int
 
 
 class LayerType(enum.IntEnum):

@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from lightning_prune._checks import check_int
 from lightning_prune.budget import budget_at, finite_real
 
 
@@ -27,10 +28,7 @@ class SigmoidalBudgetAnnealing(Callback):
 
     def __init__(self, until_epoch: int, from_epoch: int = 0, hardness: float = 10.0, start_factor: float = 1.01) -> None:
         for name, value in (("until_epoch", until_epoch), ("from_epoch", from_epoch)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+            check_int(name, value, 0)
         if until_epoch <= from_epoch:
             raise ValueError(f"until_epoch must be greater than from_epoch ({from_epoch}), got {until_epoch}")
         hardness = finite_real("hardness", hardness)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from lightning_prune._checks import check_bool
 from lightning_prune.allocation import fit_budget, top_k_masks
 from lightning_prune.budget import barrier, finite_real
 from lightning_prune.callbacks.gated import GatedPruning
@@ -100,8 +101,7 @@ class BudgetAwareRegularization(GatedPruning):
         self.margin = finite_real("margin", margin)
         if not 0 < self.margin < 1:
             raise ValueError(f"margin must be in (0, 1), got {margin}")
-        if not isinstance(distillation, bool):
-            raise TypeError(f"distillation must be a bool, got {type(distillation).__name__}")
+        check_bool("distillation", distillation)
         self.temperature = finite_real("temperature", temperature)
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")

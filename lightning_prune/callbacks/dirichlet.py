@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from lightning_prune.allocation import fit_budget, top_k_masks
 from lightning_prune.budget import finite_real
-from lightning_prune.callbacks.gated import GatedPruning, check_int
+from lightning_prune._checks import check_bool, check_int
+from lightning_prune.callbacks.gated import GatedPruning
 from lightning_prune.callbacks.hard_pruning import HardPruning
 from lightning_prune.gates import ChannelGate, DirichletSwitch
 from lightning_prune.graph import ChannelGroup
@@ -159,11 +160,10 @@ class DirichletImportance(GatedPruning):
         self.samples = check_int("samples", samples, minimum=1)
         if estimator == "mean" and self.samples != 1:
             raise ValueError(f"samples must be 1 with estimator='mean' (the posterior mean is deterministic), got {samples}")
-        self.from_epoch = check_int("from_epoch", from_epoch)
+        self.from_epoch = check_int("from_epoch", from_epoch, 0)
         self.epochs = None if epochs is None else check_int("epochs", epochs, minimum=1)
         for name, value in (("freeze_weights", freeze_weights), ("layerwise", layerwise)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+            check_bool(name, value)
         self.init = finite_real("init", init)
         if self.init <= 0:
             raise ValueError(f"init must be > 0 (the initial Dirichlet concentration), got {init}")

@@ -85,14 +85,6 @@ def example_from(trainer: L.Trainer, pl_module: L.LightningModule, example_input
     raise TypeError("example_input must be a tensor, a tuple of tensors or an input shape (tuple of ints)")
 
 
-def check_int(name: str, value: Any, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 class GatedPruning(Callback):
     """Base class: gates on every channel group, a budget, and a gate optimizer.
 

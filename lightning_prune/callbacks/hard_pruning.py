@@ -11,7 +11,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from lightning_prune.callbacks.gated import GatedPruning, check_int
+from lightning_prune._checks import check_bool, check_int
+from lightning_prune.callbacks.gated import GatedPruning
 from lightning_prune.callbacks.report import layer_table, plot_alive_channels
 
 
@@ -47,10 +48,9 @@ class HardPruning(Callback):
         plot: bool = True,
         verbose: bool = True,
     ) -> None:
-        self.at_epoch = check_int("at_epoch", at_epoch)
+        self.at_epoch = check_int("at_epoch", at_epoch, 0)
         for name, value in (("shrink", shrink), ("freeze", freeze), ("plot", plot)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+            check_bool(name, value)
         if not freeze:
             raise ValueError("freeze must be True: hard-pruned gates are fixed masks (papers/001 §3.1)")
         if widths is not None and (isinstance(widths, str) or not isinstance(widths, (Mapping, Sequence))):

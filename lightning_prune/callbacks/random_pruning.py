@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from lightning_prune.allocation import top_k_masks
-from lightning_prune.callbacks.gated import GatedPruning, check_int
+from lightning_prune._checks import check_int
+from lightning_prune.callbacks.gated import GatedPruning
 from lightning_prune.gates import ChannelGate, FixedMask
 from lightning_prune.graph import ChannelGroup
 
@@ -46,7 +47,7 @@ class RandomPruning(GatedPruning):
         verbose: bool = True,
     ) -> None:
         super().__init__(budget, factor, cost, 1.0, module, example_input, ignore, verbose)
-        self.seed = check_int("seed", seed, minimum=0)
+        self.seed = check_int("seed", seed, 0)
 
     @property
     def state_key(self) -> str:

@@ -22,6 +22,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
+from lightning_prune._checks import check_int
+
 CIFAR10_ARCHIVE = "cifar10-jpg.tar.gz"
 
 
@@ -32,10 +34,7 @@ class DatasetNotFoundError(FileNotFoundError):
 def _check_positive_int(name: str, value: Any, allow_none: bool = False, allow_zero: bool = False) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    check_int(name, value, 0 if allow_zero else 1)
 
 
 class VisionDataModule(L.LightningDataModule):
