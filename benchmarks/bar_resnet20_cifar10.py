@@ -61,13 +61,12 @@ FACTORS = (2, 4, 8, 16)
 EXAMPLE = torch.zeros(1, 3, 32, 32)
 
 
-def full_volume() -> int:
-    return count_cost(CifarResNet(20), EXAMPLE).volume
+FULL_VOLUME = count_cost(CifarResNet(20), EXAMPLE).volume
 
 
 def width_for(factor: int) -> float:
     """The largest width multiplier, on a 1/256 grid, whose ResNet-20 is within full / factor."""
-    target = full_volume() / factor
+    target = FULL_VOLUME / factor
     best = None
     for k in range(1, 257):
         w = k / 256
@@ -78,16 +77,16 @@ def width_for(factor: int) -> float:
     return best
 
 
-def overrides(method: str, factor: int, run_dir: Path, init_from: str | None = None) -> list[str]:
+def overrides(method: str, factor: int, run_dir: Path, init_from: str | None = None, width: float | None = None) -> list[str]:
     common = ["experiment=bar_resnet20_cifar10", f"budget.factor={factor}", "data.num_workers=0",
               "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"]
     extra = [o.format(init_from=init_from) for o in METHODS[method]]
-    if method == "width":
-        extra.append(f"model.width={width_for(factor)}")
+    if width is not None:
+        extra.append(f"model.width={width}")
     return common + extra
 
 
-def test_accuracy(run_dir: Path) -> float:
+def read_test_accuracy(run_dir: Path) -> float:
     for path in run_dir.rglob("metrics.csv"):
         with path.open() as f:
             values = [row["test/acc"] for row in csv.DictReader(f) if row.get("test/acc")]
@@ -104,7 +103,8 @@ def run_one(method: str, factor: int, out: Path, threads: int, init_from: str | 
         os.close(os.open(run_dir / "claimed", os.O_CREAT | os.O_EXCL))
     except FileExistsError:
         return
-    args = overrides(method, factor, run_dir, init_from)
+    width = width_for(factor) if method == "width" else None
+    args = overrides(method, factor, run_dir, init_from, width)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
     load_before = os.getloadavg()[0]
@@ -112,15 +112,12 @@ def run_one(method: str, factor: int, out: Path, threads: int, init_from: str | 
         subprocess.run([sys.executable, "-m", "lightning_prune.train", *args], env=env, stdout=log, stderr=subprocess.STDOUT,
                        check=True)
     seconds = time.perf_counter() - t0
-    if method == "width":
-        net = CifarResNet(20, width=float(args[-1].split("=")[1]))
-    else:
-        net = load_pruned(run_dir / "pruned_model.pt")
+    net = CifarResNet(20, width=width) if width is not None else load_pruned(run_dir / "pruned_model.pt")
     cost = count_cost(net, EXAMPLE)
     result = {
         "method": method, "factor": factor, "overrides": args, "started": started, "seconds": seconds,
         "load_average_before": load_before, "load_average_after": os.getloadavg()[0], "threads": threads,
-        "test_accuracy": test_accuracy(run_dir), "volume": cost.volume, "full_volume": full_volume(),
+        "test_accuracy": read_test_accuracy(run_dir), "volume": cost.volume, "full_volume": FULL_VOLUME,
         "macs": cost.macs, "params": cost.params, "widths": output_widths(net),
     }
     result_path.write_text(json.dumps(result, indent=1))
