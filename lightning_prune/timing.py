@@ -11,15 +11,15 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from lightning_prune._checks import check_int
+
 
 @torch.no_grad()
 def median_latency(models: Mapping[str, nn.Module], example: Tensor, repeats: int = 30, warmup: int = 3) -> dict[str, float]:
     """Median seconds of one forward pass (eval mode, no grad) of every model on ``example``;
     each round times every model once, in turn."""
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    check_int("repeats", repeats, 1)
+    check_int("warmup", warmup, 0)
     for model in models.values():
         model.eval()
     times: dict[str, list[float]] = {name: [] for name in models}

@@ -87,8 +87,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         ckpt = "best" if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path else None
         trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-    final = export(module) if dense is not None else module.net
-    final = final.cpu()
+    final = (export(module) if dense is not None else module.net).cpu()
     cost = count_cost(final, example)
     metrics.update(macs=float(cost.macs), params=float(cost.params))
     if not trainer.is_global_zero:
@@ -101,7 +100,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         before = count_cost(dense, example)
         path = out_dir / "pruned_model.pt"
         save_pruned(final, path, architecture={"_target_": cfg.model._target_, **_kwargs(cfg.model), "num_classes": datamodule.num_classes})
-        latency = median_latency({"dense": dense, "pruned": final}, torch.zeros(1, *datamodule.input_shape))
+        latency = median_latency({"dense": dense, "pruned": final}, example)
         widths = [f"{n} {w}" for n, w in output_widths(final).items()]
         lines += [
             f"MACs / image   : {before.macs:,} -> {cost.macs:,}  ({before.macs / max(cost.macs, 1):.1f}x fewer)",

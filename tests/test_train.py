@@ -178,3 +178,16 @@ def test_removing_the_pruning_group_trains_the_dense_network(tmp_path, data_dir,
     metrics = run(cfg)
     assert metrics["macs"] == 2_293_000 and not (tmp_path / "pruned_model.pt").exists()
     assert "CPU speedup" not in capsys.readouterr().out
+
+
+def test_median_latency_times_every_model_and_checks_its_arguments():
+    from lightning_prune.timing import median_latency
+
+    small, large = torch.nn.Linear(8, 8), torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(50)])
+    times = median_latency({"small": small, "large": large}, torch.zeros(1, 8), repeats=5, warmup=1)
+    assert times.keys() == {"small", "large"} and 0 < times["small"] < times["large"]
+    assert not small.training and not large.training  # timed in eval mode
+    with pytest.raises(ValueError, match="repeats"):
+        median_latency({"small": small}, torch.zeros(1, 8), repeats=0)
+    with pytest.raises(TypeError, match="warmup"):
+        median_latency({"small": small}, torch.zeros(1, 8), warmup=1.5)
