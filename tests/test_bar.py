@@ -70,6 +70,15 @@ def test_penalty_matches_hand_computed_barrier_and_expected_cost():
     assert bar.regularizer() is None and bar.last["f"] == 0.0
 
 
+def test_widths_keep_the_most_open_channels():
+    bar = BudgetAwareRegularization(factor=2, cost="volume", example_input=TINY, verbose=False)
+    bar.setup(trainer(), ForeignModule(), "fit")
+    with torch.no_grad():
+        bar.gates["conv1"].log_alpha.copy_(torch.tensor([0.0, 3.0, -1.0, 2.0, 1.0, -2.0, 0.5, -3.0]))
+    masks = bar.keep_masks({"conv1": 3})
+    assert masks["conv1"].nonzero().flatten().tolist() == [1, 3, 4] and bool(masks["conv2"].all())
+
+
 def test_annealing_moves_per_step_along_the_sigmoid():
     annealing = SigmoidalBudgetAnnealing(until_epoch=3, from_epoch=1, hardness=10)
     assert annealing.progress(0, 10) == 0.0

@@ -83,3 +83,12 @@ def test_hydra_config_composes_with_a_budget(tmp_path):
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         RandomPruning(**kwargs)
+
+
+def test_widths_keep_that_many_random_channels_in_each_listed_group():
+    random = RandomPruning(factor=4, cost="volume", example_input=(3, 32, 32), verbose=False)
+    random.setup(trainer(), ImageClassifier(CifarResNet(20), 10, optimizer=torch.optim.Adam), "fit")
+    first = random.graph.names[0]
+    masks = random.keep_masks({first: 3})
+    assert int(masks[first].sum()) == 3
+    assert all(bool(m.all()) for name, m in masks.items() if name != first)

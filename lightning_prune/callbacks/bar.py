@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_prune._checks import check_bool
-from lightning_prune.allocation import fit_budget, top_k_masks
+from lightning_prune.allocation import fit_budget
 from lightning_prune.budget import barrier, finite_real
 from lightning_prune.callbacks.gated import GatedPruning
 from lightning_prune.gates import ChannelGate, HardConcreteGate
@@ -196,7 +196,7 @@ class BudgetAwareRegularization(GatedPruning):
         ``widths`` instead keeps that many channels per group, by open-probability."""
         probs = {n: p.detach().cpu() for n, p in self.gates.open_probabilities().items()}
         if widths is not None:
-            return {**self.graph.full_masks(), **top_k_masks(probs, widths)}
+            return self.masks_for_widths(probs, widths)
         alive = {n: m.detach().cpu() for n, m in self.gates.alive().items()}
         result = fit_budget(self.cost_model, self.cost, self.target_cost, probs, alive)
         if result.dropped and self.verbose:

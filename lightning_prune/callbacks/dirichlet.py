@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_prune.allocation import fit_budget, top_k_masks
+from lightning_prune.allocation import fit_budget
 from lightning_prune.budget import finite_real
 from lightning_prune._checks import check_bool, check_int
 from lightning_prune.callbacks.gated import GatedPruning
@@ -377,7 +377,7 @@ class DirichletImportance(GatedPruning):
         mean of each listed group."""
         scores = self.importance()
         if widths is not None:
-            return {**self.graph.full_masks(), **top_k_masks(scores, widths)}
+            return self.masks_for_widths(scores, widths)
         return fit_budget(self.cost_model, self.cost, self.target_cost, scores, relative=self.allocation == "share").masks
 
     def harden(self, trainer: L.Trainer, pl_module: L.LightningModule, masks: Mapping[str, Tensor], shrink_network: bool) -> None:

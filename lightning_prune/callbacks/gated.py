@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_prune.allocation import minimum_cost
+from lightning_prune.allocation import minimum_cost, top_k_masks
 from lightning_prune.budget import finite_real, resolve_budget
 from lightning_prune.cost import CostReport, count_cost
 from lightning_prune.cost.measure import output_widths
@@ -155,6 +155,10 @@ class GatedPruning(Callback):
     def keep_masks(self, widths: Mapping[str, int] | None = None) -> dict[str, Tensor]:
         """Hard keep-masks for every group, at or under the budget (or with ``widths``)."""
         raise NotImplementedError
+
+    def masks_for_widths(self, scores: Mapping[str, Tensor], widths: Mapping[str, int]) -> dict[str, Tensor]:
+        """Keep the ``widths[group]`` highest-scoring channels of each listed group; the other groups keep all."""
+        return {**self.graph.full_masks(), **top_k_masks(scores, widths)}
 
     # -- properties ---------------------------------------------------------------------
     @property

@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_prune.allocation import top_k_masks
 from lightning_prune._checks import check_int
 from lightning_prune.callbacks.gated import GatedPruning
 from lightning_prune.gates import ChannelGate, FixedMask
@@ -67,7 +66,7 @@ class RandomPruning(GatedPruning):
         generator = torch.Generator().manual_seed(self.seed)
         if widths is not None:
             scores = {n: torch.rand(s, generator=generator) for n, s in zip(self.cost_model.names, self.cost_model.sizes)}
-            return {**self.graph.full_masks(), **top_k_masks(scores, widths)}
+            return self.masks_for_widths(scores, widths)
         keep = {n: torch.ones(s, dtype=torch.bool) for n, s in zip(self.cost_model.names, self.cost_model.sizes)}
         channels = [(n, i) for n, s in zip(self.cost_model.names, self.cost_model.sizes) for i in range(s)]
         order = torch.randperm(len(channels), generator=generator).tolist()
