@@ -127,7 +127,7 @@ def main() -> None:
         measured = count_cost(model, ev.space.example_input).macs
         held = top1(model, ev.inputs, ev.targets)
         ev.datamodule.setup("test")
-        test = job._accuracy(model, ev.datamodule.test_dataloader())
+        test = job.loader_accuracy(model, ev.datamodule.test_dataloader())
         scorer = search.scorer
         runs[name] = {
             # the score of every point this search evaluated (reference and boundary included), in order
@@ -142,7 +142,7 @@ def main() -> None:
 
     ev.space.reset()
     ev.datamodule.setup("test")
-    base_test = job._accuracy(ev.model.eval(), ev.datamodule.test_dataloader())
+    base_test = job.loader_accuracy(ev.model.eval(), ev.datamodule.test_dataloader())
     reference = next(iter(runs.values()))["reference"]
     result = {
         "date": started, "machine": f"{os.cpu_count()}-core CPU, no GPU ({platform.processor() or platform.machine()}), "

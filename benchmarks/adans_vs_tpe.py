@@ -107,7 +107,7 @@ def main() -> None:
     model = ev.space.compress(x)
     measured = count_cost(model, ev.space.example_input).macs
     ev.datamodule.setup("test")
-    test = job._accuracy(model, ev.datamodule.test_dataloader())
+    test = job.loader_accuracy(model, ev.datamodule.test_dataloader())
     summary = {
         "date": started, "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
         "command": " ".join(cmd[1:]), "box": bounds, "trials": trials, "seconds": seconds, "tpe_best_score": best_value,

@@ -123,7 +123,8 @@ def evaluator(cfg: DictConfig) -> Evaluator:
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, loader: Any) -> float:
+def loader_accuracy(model: nn.Module, loader: Any) -> float:
+    """Top-1 accuracy in percent of ``model`` (put in eval mode) over the batches of ``loader``."""
     model.eval()
     correct = total = 0
     for inputs, targets in loader:
@@ -151,7 +152,7 @@ def final(cfg: DictConfig, ev: Evaluator, x: Any, output_dir: Path) -> dict[str,
     }
     if s.final.test:
         ev.datamodule.setup("test")
-        out["test_accuracy"] = _accuracy(model, ev.datamodule.test_dataloader())
+        out["test_accuracy"] = loader_accuracy(model, ev.datamodule.test_dataloader())
     if s.final.finetune_epochs:
         import lightning as L
 
@@ -163,7 +164,7 @@ def final(cfg: DictConfig, ev: Evaluator, x: Any, output_dir: Path) -> dict[str,
         model = module.net
         out["finetune_epochs"] = int(s.final.finetune_epochs)
         if s.final.test:
-            out["finetuned_test_accuracy"] = _accuracy(model, ev.datamodule.test_dataloader())
+            out["finetuned_test_accuracy"] = loader_accuracy(model, ev.datamodule.test_dataloader())
     path = output_dir / "compressed.pt"
     torch.save({"format": "lightning-prune-adans", "kind": ev.space.kind, "cost": ev.space.cost,
                 "x": [float(v) for v in ev.space.search_space.check(x)], "state_dict": model.state_dict()}, path)
