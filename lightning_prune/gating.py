@@ -3,8 +3,10 @@
 :func:`attach_gates` puts one gate (any :class:`lightning_prune.gates.ChannelGate`) on each
 chosen group and returns a :class:`GateSet`, an ``nn.Module`` holding the gates in a
 ``ModuleDict`` keyed by group name. The GateSet is registered as a submodule of ``owner``
-(by default the gated model; pass the LightningModule so that its checkpoints save the gate
-parameters, its optimizer sees them and DDP synchronises their gradients).
+when one is given (the LightningModule, so that its checkpoints save the gate parameters,
+its optimizer sees them and DDP synchronises their gradients); by default it is registered
+nowhere (the caller holds it), so that no container's ``forward`` (an ``nn.Sequential``
+calls every child) ever sees it.
 
 How the gates act (forward hooks, removed again by :meth:`GateSet.detach`):
 
@@ -12,7 +14,8 @@ How the gates act (forward hooks, removed again by :meth:`GateSet.detach`):
   order recorded when the graph was built) draws a fresh value from every gate; all sites of
   a group then use that same value, so a residual stream gated at several layers sees one
   mask. (This is robust to a LightningModule calling ``self.net(x)`` instead of ``self(x)``.)
-  In eval mode the gates return their deterministic value.
+  When the gated model is in eval mode (``model.eval()``) the gates return their
+  deterministic value, wherever the GateSet is registered.
 - each site's output (see :class:`lightning_prune.graph.ChannelGroup` for where they are)
   is multiplied channel-wise by its groups' values; a layer read by several groups (a batch
   norm after a concatenation) gets each group's values at that group's positions. With 0/1
@@ -148,8 +151,10 @@ class GateSet(nn.Module):
         ordered = [m for m in graph.execution_order if m in sites]
         first = ordered[0] if ordered else next(iter(sites))
 
-        def resample(_module: nn.Module, _args: object) -> None:
+        def resample(module: nn.Module, _args: object) -> None:
             self._sample = None
+            if self.training != module.training:  # the gates follow the gated model's mode
+                self.train(module.training)
 
         self._handles.append(modules[first].register_forward_pre_hook(resample))
         for module_name, entries in sites.items():
@@ -183,6 +188,25 @@ class GateSet(nn.Module):
             handle.remove()
         self._handles = []
         self._sample = None
+
+    def reinstall(self) -> None:
+        """Hook the gates again onto the layers the gated model has now, found by name (after
+        a strategy replaced some, e.g. BatchNorm by SyncBatchNorm)."""
+        model, graph = self.model, self.graph
+        if model is None or graph is None:
+            return
+        self._remove_hooks()
+        self._install(model, graph)
+
+    # -- checkpoints --------------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        """The example input's shapes and dtypes, so a checkpoint can rebuild the graph."""
+        if self.graph is None:
+            return {}
+        return {"input_shapes": [list(s) for s in self.graph.input_shapes], "input_dtypes": list(self.graph.input_dtypes)}
+
+    def set_extra_state(self, state: dict) -> None:
+        pass  # read from the state dict by whoever rebuilds the graph; the attached graph stays
 
     @contextmanager
     def suspended(self) -> Iterator[None]:
@@ -233,8 +257,10 @@ def attach_gates(
             groups keep every channel), or a factory called with each
             :class:`~lightning_prune.graph.ChannelGroup`, e.g.
             ``lambda group: HardConcreteGate(group.size)``.
-        owner: module to register the GateSet under as ``owner.<name>`` (default: ``model``);
-            pass the LightningModule so checkpoints, optimizers and DDP see the gates.
+        owner: module to register the GateSet under as ``owner.<name>`` (default: none, the
+            caller holds the returned GateSet); pass the LightningModule so checkpoints,
+            optimizers and DDP see the gates. Not a container whose ``forward`` calls its
+            children (``nn.Sequential``).
         name: attribute name on ``owner``.
     """
     from lightning_prune.graph import ChannelGraph
@@ -243,13 +269,13 @@ def attach_gates(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(graph, ChannelGraph):
         raise TypeError(f"graph must be a ChannelGraph (from build_graph), got {type(graph).__name__}")
-    if owner is None:
-        owner = model
-    if not isinstance(owner, nn.Module):
+    if owner is not None and not isinstance(owner, nn.Module):
         raise TypeError(f"owner must be an nn.Module or None, got {type(owner).__name__}")
+    if isinstance(owner, nn.Sequential):
+        raise ValueError("owner: an nn.Sequential calls every child in its forward, the gates too; pass owner=None or another module")
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"name must be a valid attribute name, got {name!r}")
-    if hasattr(owner, name):
+    if owner is not None and hasattr(owner, name):
         raise ValueError(f"name: {type(owner).__name__} already has an attribute {name!r}")
     if attached_gates(model) is not None:
         raise ValueError("model already has gates attached; detach them first (GateSet.detach())")
@@ -278,11 +304,12 @@ def attach_gates(
             raise ValueError(
                 f"gates[{group_name!r}] has {gate.num_channels} channels, group {group_name!r} has {graph.groups[group_name].size}"
             )
-    owner.add_module(name, gate_set)
+    if owner is not None:
+        owner.add_module(name, gate_set)
+        gate_set._owner_ref = weakref.ref(owner)
+        gate_set._owner_name = name
     gate_set.graph = graph
     gate_set._model_ref = weakref.ref(model)
-    gate_set._owner_ref = weakref.ref(owner)
-    gate_set._owner_name = name
     gate_set._install(model, graph)
     _ATTACHED[model] = gate_set
     return gate_set

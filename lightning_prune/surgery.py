@@ -15,15 +15,16 @@ optimizers' parameter groups, and the optimizer's per-parameter state
 (``momentum_buffer``, ``exp_avg``, ``exp_avg_sq``, ... -- every state tensor shaped like the
 parameter) is sliced with the same indices, so training continues where it was.
 
-The history (plain data: lists, dicts, ints, strings) is kept in a ``PruningHistory``
-submodule of the model named ``lightning_prune_history``; it is saved in the model's
-``state_dict`` as extra state, so any checkpoint of a shrunk model carries it.
+The history (plain data: lists, dicts, ints, strings) is kept in a plain attribute of the
+model, never a submodule (an ``nn.Sequential`` would call it), and written into the model's
+``state_dict`` by a state-dict hook, so any checkpoint of a shrunk model carries it.
 :func:`replay` applies it to a fresh instance of the architecture, and
 :func:`enable_pruned_loading` makes ``load_state_dict`` do that by itself.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -35,9 +36,10 @@ from torch_pruning.pruner import function as tpf
 from lightning_prune.gating import attached_gates
 from lightning_prune.graph import ChannelGraph, build_graph
 
-__all__ = ["PruningHistory", "shrink", "replay", "pruning_history", "enable_pruned_loading", "HISTORY_ATTR"]
+__all__ = ["shrink", "replay", "pruning_history", "enable_pruned_loading", "pruned_loading_enabled", "HISTORY_KEY"]
 
-HISTORY_ATTR = "lightning_prune_history"
+HISTORY_ATTR = "_lightning_prune_history"  # the attribute holding the record
+HISTORY_KEY = "lightning_prune_history._extra_state"  # its key in state dicts (the name of earlier versions)
 HISTORY_VERSION = 1
 
 # Torch-Pruning handler per (layer kind, cut dimension).
@@ -51,59 +53,59 @@ _HANDLERS = {
 }
 
 
-class PruningHistory(nn.Module):
-    """Holds the pruning history of its parent module as extra state (saved in ``state_dict``).
+class _HistoryInStateDict:
+    """State-dict post-hook: writes the module's pruning history under ``HISTORY_KEY``."""
 
-    ``record`` is plain data::
+    def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        record = module.__dict__.get(HISTORY_ATTR)
+        if record is not None:
+            state_dict[prefix + HISTORY_KEY] = copy.deepcopy(record)
+
+
+def pruning_history(model: nn.Module) -> dict[str, Any] | None:
+    """The pruning history recorded on ``model`` by :func:`shrink` (plain data), or ``None``.
+
+    The history is plain data::
 
         {"version": 1, "model": class name, "input_shapes": [[1, 3, 32, 32]],
          "input_dtypes": ["float32"], "ignore": [module names],
          "steps": [{group name: [removed channel indices], ...}, ...]}
 
-    Indices of step ``k`` refer to the model as it was after steps ``0 .. k-1``.
+    Indices of step ``k`` refer to the model as it was after steps ``0 .. k-1``. An optional
+    ``"created_biases": [layer names]`` lists the layers whose bias
+    :func:`lightning_prune.folding.shrink_as_masked` created (``replay`` recreates them). It is kept
+    in a plain attribute of the model (not a submodule, so that no container's ``forward``
+    sees it) and written into the model's ``state_dict`` under ``lightning_prune_history``
+    by a state-dict hook, so every checkpoint of a shrunk network carries it.
     """
-
-    def __init__(self, record: dict[str, Any] | None = None) -> None:
-        super().__init__()
-        self.record: dict[str, Any] = record if record is not None else {}
-
-    @property
-    def steps(self) -> list[dict[str, list[int]]]:
-        return self.record.get("steps", [])
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return self.record
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.record = state
-
-    def extra_repr(self) -> str:
-        return f"steps={len(self.steps)}"
-
-
-def pruning_history(model: nn.Module) -> dict[str, Any] | None:
-    """The pruning history recorded on ``model`` by :func:`shrink` (plain data), or ``None``."""
-    holder = getattr(model, HISTORY_ATTR, None)
-    return holder.record if isinstance(holder, PruningHistory) else None
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    return model.__dict__.get(HISTORY_ATTR)
 
 
 def _record_step(model: nn.Module, graph: ChannelGraph, removed: dict[str, list[int]]) -> None:
-    holder = getattr(model, HISTORY_ATTR, None)
-    if holder is None:
-        holder = PruningHistory(
-            {
-                "version": HISTORY_VERSION,
-                "model": type(model).__name__,
-                "input_shapes": [list(s) for s in graph.input_shapes],
-                "input_dtypes": list(graph.input_dtypes),
-                "ignore": list(graph.ignore),
-                "steps": [],
-            }
-        )
-        model.add_module(HISTORY_ATTR, holder)
-    elif not isinstance(holder, PruningHistory):
-        raise ValueError(f"model has an attribute {HISTORY_ATTR!r} that is not a PruningHistory")
-    holder.record["steps"].append(removed)
+    record = model.__dict__.get(HISTORY_ATTR)
+    if record is None:
+        record = {
+            "version": HISTORY_VERSION,
+            "model": type(model).__name__,
+            "input_shapes": [list(s) for s in graph.input_shapes],
+            "input_dtypes": list(graph.input_dtypes),
+            "ignore": list(graph.ignore),
+            "steps": [],
+        }
+        _set_history(model, record)
+    record["steps"].append(removed)
+
+
+def _set_history(model: nn.Module, record: dict[str, Any]) -> None:
+    if HISTORY_ATTR in model._modules or HISTORY_ATTR in model._parameters or HISTORY_ATTR in model._buffers:
+        raise ValueError(f"model has a submodule, parameter or buffer named {HISTORY_ATTR!r}; rename it")
+    if HISTORY_ATTR not in model.__dict__:
+        model.register_state_dict_post_hook(_HistoryInStateDict())
+    if not pruned_loading_enabled(model):  # so that it loads its own state dicts
+        enable_pruned_loading(model)
+    model.__dict__[HISTORY_ATTR] = record
 
 
 def _optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
@@ -247,26 +249,54 @@ def replay(model: nn.Module, history: Mapping[str, Any], *, graph: ChannelGraph 
             m[torch.as_tensor(idx, dtype=torch.long)] = False
             masks[name] = m
         graph = shrink(model, masks, graph=graph)
+    if history.get("created_biases"):  # biases that lightning_prune.folding created: recreate them
+        from lightning_prune.folding import restore_created_biases  # folding imports this module
+
+        graph = restore_created_biases(model, history, graph)
     return graph
+
+
+class _ReplayHistories:
+    """Load pre-hook of :func:`enable_pruned_loading` (a class, so that modules carrying it
+    can be pickled, e.g. by ``strategy="ddp_spawn"``)."""
+
+    def __call__(self, mod: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        for key in [k for k in state_dict if k.startswith(prefix) and k.endswith(HISTORY_KEY)]:
+            path = key[len(prefix) : -len(HISTORY_KEY)].rstrip(".")
+            try:
+                target = mod.get_submodule(path) if path else mod
+            except AttributeError:
+                continue  # not ours to replay: torch reports the key as unexpected
+            history = state_dict[key]
+            if not isinstance(history, Mapping):
+                raise ValueError(f"load_state_dict: {key!r} is not a pruning history")
+            steps = list(history.get("steps", []))
+            done = (pruning_history(target) or {}).get("steps", [])
+            if done == steps[: len(done)]:
+                if len(done) < len(steps):
+                    replay(target, history)
+            else:  # pruned otherwise already: the tensors' shapes decide whether they fit
+                _set_history(target, copy.deepcopy(dict(history)))
+
+
+def _expect_histories(module: nn.Module, incompatible_keys: Any) -> None:
+    """Load post-hook: pruning histories are read by the pre-hook, not "unexpected" keys."""
+    incompatible_keys.unexpected_keys[:] = [k for k in incompatible_keys.unexpected_keys if not k.endswith(HISTORY_KEY)]
 
 
 def enable_pruned_loading(module: nn.Module) -> RemovableHandle:
     """Make ``module.load_state_dict`` accept a state dict of a shrunk copy of it.
 
     A load pre-hook looks for pruning histories in the incoming state dict (keys ending in
-    ``lightning_prune_history._extra_state``) and replays each onto the corresponding
-    submodule before the tensors are copied. Returns the hook handle.
+    ``lightning_prune_history``) and replays each onto the corresponding submodule before the
+    tensors are copied. Registering it twice is harmless. Returns the hook handle.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    suffix = f"{HISTORY_ATTR}._extra_state"
+    module.register_load_state_dict_post_hook(_expect_histories)
+    return module.register_load_state_dict_pre_hook(_ReplayHistories())
 
-    def hook(mod, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
-        for key in [k for k in state_dict if k.startswith(prefix) and k.endswith(suffix)]:
-            path = key[len(prefix) : -len(suffix)].rstrip(".")
-            target = mod.get_submodule(path) if path else mod
-            done = (pruning_history(target) or {}).get("steps", [])
-            if done != list(state_dict[key].get("steps", [])):
-                replay(target, state_dict[key])
 
-    return module.register_load_state_dict_pre_hook(hook)
+def pruned_loading_enabled(module: nn.Module) -> bool:
+    """Whether :func:`enable_pruned_loading` was called on ``module``."""
+    return any(isinstance(getattr(h, "hook", h), _ReplayHistories) for h in module._load_state_dict_pre_hooks.values())

@@ -51,7 +51,7 @@ def test_export_from_a_gated_lightning_module() -> None:
 
 def test_export_owner_is_the_net_and_already_shrunk_networks() -> None:
     net, graph, shape = zoo("functional")
-    attach_gates(net, graph, _closed_gates(graph, 1))  # registered under the net itself
+    attach_gates(net, graph, _closed_gates(graph, 1), owner=net)  # registered under the net itself
     small = lightning_prune.export(net)
     assert "prune_gates" not in dict(small.named_children()) and "prune_gates" in dict(net.named_children())
     # a LightningModule whose net was shrunk (no gates): export returns that net

@@ -86,10 +86,12 @@ def test_registered_under_a_lightning_module() -> None:
     assert attached_gates(net) is gates and module.prune_gates is gates
     keys = [k for k in module.state_dict() if k.startswith("prune_gates.")]
     assert keys == [
+        "prune_gates._extra_state",  # the example input's shapes: a checkpoint can rebuild the graph
         "prune_gates.gates.features/0.log_alpha",
         "prune_gates.gates.features/2.log_alpha",
         "prune_gates.gates.classifier/1.log_alpha",
     ]
+    assert module.state_dict()["prune_gates._extra_state"] == {"input_shapes": [list(shape)], "input_dtypes": ["float32"]}
     params = {id(p) for p in module.parameters()}
     assert all(id(gate.log_alpha) in params for _, gate in gates.items())
     # gradients reach the gates through the training forward
@@ -120,7 +122,9 @@ def test_detach_restores_the_ungated_model() -> None:
     x = torch.randn(2, *shape[1:])
     with torch.no_grad():
         reference = model(x)
-        gates = attach_gates(model, graph, {n: FixedMask(m) for n, m in random_group_masks(graph, 0).items()})
+        gates = attach_gates(
+            model, graph, {n: FixedMask(m) for n, m in random_group_masks(graph, 0).items()}, owner=model
+        )
         masked = model(x)
         assert not torch.allclose(masked, reference, atol=1e-3)
         assert "prune_gates" in dict(model.named_children())
@@ -175,9 +179,13 @@ def test_errors() -> None:
         attach_gates(model, graph, {"features.0": nn.Linear(1, 1)})
     with pytest.raises(TypeError, match="gates factory returned int"):
         attach_gates(model, graph, lambda group: 3)
-    gates = attach_gates(model, graph, lambda group: HardConcreteGate(group.size))
+    taken = nn.Module()
+    taken.prune_gates = nn.Linear(1, 1)
     with pytest.raises(ValueError, match="already has an attribute 'prune_gates'"):
-        attach_gates(model, graph, lambda group: HardConcreteGate(group.size))
+        attach_gates(model, graph, lambda group: HardConcreteGate(group.size), owner=taken)
+    with pytest.raises(ValueError, match="owner: an nn.Sequential calls every child"):
+        attach_gates(model, graph, lambda group: HardConcreteGate(group.size), owner=nn.Sequential())
+    gates = attach_gates(model, graph, lambda group: HardConcreteGate(group.size))
     with pytest.raises(ValueError, match="model already has gates attached"):
         attach_gates(model, graph, lambda group: HardConcreteGate(group.size), name="more_gates")
     with pytest.raises(ValueError, match="model has gates attached; detach them"):
