@@ -26,6 +26,18 @@ GroupNorm, PReLU, LSTM, a raw ``nn.Parameter``, a transposed convolution...) rai
 ``TypeError`` naming the module and its type, because masking its channels is not
 equivalent to removing them or its cost cannot be counted; ``ignore=`` the group's layer to
 leave those channels alone.
+
+Every module with parameters of its own must be reached by the example's forward pass (its
+forward runs, or autograd reaches one of its parameters from the output): a layer that the
+trace never reached (the other side of a data-dependent ``if``, an auxiliary head used only
+in training, a layer used only in eval or by another method) reads channels that no group
+knows about, so pruning would leave it with the wrong input width and the network would
+crash later with a raw shape error. ``build_graph`` raises a ``ValueError`` naming them. List
+them in ``ignore=`` to accept them as they are: an ignored module that the trace never
+reached is never pruned and its parameters are never touched, but since no group knows
+which channels it reads, the channels feeding it *are* pruned as if it did not exist -- it
+must not run on the pruned network (drop it, or also ``ignore=`` the layers producing its
+input so that those channels stay). They are listed in ``ChannelGraph.unreached``.
 """
 
 from __future__ import annotations
@@ -174,6 +186,8 @@ class ChannelGraph:
         ignore: the ``ignore=`` module names.
         execution_order: the layers of ``layers`` in the order of their first call.
         model_name: class name of the traced model.
+        unreached: modules with parameters that the example's forward did not reach (all of
+            them in ``ignore=``); no group knows which channels they read (module docstring).
     """
 
     groups: dict[str, ChannelGroup]
@@ -185,6 +199,7 @@ class ChannelGraph:
     ignore: tuple[str, ...] = ()
     execution_order: tuple[str, ...] = ()
     model_name: str = ""
+    unreached: tuple[str, ...] = ()
 
     # -- container protocol -------------------------------------------------------------
     def __len__(self) -> int:
@@ -436,14 +451,23 @@ def _untracked(model: nn.Module, layers: dict[str, LayerInfo], report: "CostRepo
     return {"macs": report.macs - tracked["macs"], "params": report.params - tracked["params"]}
 
 
-def _trace(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Any, set]:
+def _trace(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Any, set, set[nn.Module]]:
+    """Trace with Torch-Pruning; also return the modules with parameters of their own that the
+    forward reached: their forward ran, or autograd reaches one of their parameters from the
+    output (a parameter used directly by another module, e.g. ``MultiheadAttention.out_proj``)."""
     outputs: list[Tensor] = []
+    ran: set[nn.Module] = set()
 
     def forward_fn(m: nn.Module, x: tuple[Tensor, ...]) -> Any:
         out = m(*x)
         outputs.extend(tp.utils.flatten_as_list(out))
         return out
 
+    def record(module: nn.Module, _args: object) -> None:
+        ran.add(module)
+
+    owners = [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
+    handles = [m.register_forward_pre_hook(record) for m in owners]
     was_training = model.training
     try:
         with torch.enable_grad(), warnings.catch_warnings():
@@ -455,6 +479,8 @@ def _trace(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Any, set]:
             f"could not trace {type(model).__name__} with example_input of shape {shapes}: {type(e).__name__}: {e}"
         ) from e
     finally:
+        for h in handles:
+            h.remove()
         model.train(was_training)
     grad_fns = {o.grad_fn for o in outputs if isinstance(o, Tensor) and o.grad_fn is not None}
     if not grad_fns:
@@ -462,7 +488,71 @@ def _trace(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Any, set]:
             f"could not trace {type(model).__name__}: its output does not depend on its parameters through autograd "
             "(does forward run under torch.no_grad() or detach its output?)"
         )
-    return dg, grad_fns
+    used = _autograd_parameters(grad_fns)
+    reached = {m for m in owners if m in ran or any(id(p) in used for p in m.parameters(recurse=False))}
+    return dg, grad_fns, reached
+
+
+def _autograd_parameters(grad_fns: Iterable[Any]) -> set[int]:
+    """``id`` of every leaf tensor (parameter) that autograd reaches from ``grad_fns``."""
+    stack, seen, leaves = list(grad_fns), set(), set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)  # AccumulateGrad: the leaf it accumulates into
+        if isinstance(variable, Tensor):
+            leaves.add(id(variable))
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return leaves
+
+
+def _check_reached(model: nn.Module, reached: set[nn.Module], ignored: set[str]) -> tuple[str, ...]:
+    """Raise for modules with parameters that the trace did not reach and that are not
+    ignored; return the ignored ones (they stay untouched, see the module docstring)."""
+    missed = [
+        name
+        for name, m in model.named_modules()
+        if m not in reached and next(m.parameters(recurse=False), None) is not None
+    ]
+    if not missed:
+        return ()
+    pending = _outermost(model, [n for n in missed if n not in ignored])
+    if pending:
+        listed = ", ".join(f"{n!r} ({type(model.get_submodule(n)).__name__})" for n in pending)
+        raise ValueError(
+            f"{type(model).__name__}: the example input's forward pass never reached {listed}, which "
+            f"{'has' if len(pending) == 1 else 'have'} parameters. No channel group knows which channels "
+            f"{'it reads' if len(pending) == 1 else 'they read'}, so pruning would leave a wrong input width "
+            "there and the network would fail later with a shape error (a data-dependent branch that the "
+            "example does not take, an auxiliary head used only in training, a layer used only in eval or "
+            "by another method). Give an example input that reaches them, or pass "
+            f"ignore={pending!r} to leave them untouched if they will not run on the pruned network "
+            "(ignore= the layers producing their input as well to keep the channels they read)"
+        )
+    return tuple(sorted(missed))
+
+
+def _outermost(model: nn.Module, names: list[str]) -> list[str]:
+    """``names`` with every group of them that makes up a whole submodule (all of its modules
+    with parameters) replaced by that submodule's name: report a missed block, not each layer."""
+    chosen = set(names)
+
+    def top(name: str) -> str:
+        parts, best = name.split("."), name
+        for k in range(len(parts) - 1, 0, -1):
+            ancestor = ".".join(parts[:k])
+            owners = [
+                n for n, m in model.get_submodule(ancestor).named_modules(prefix=ancestor)
+                if next(m.parameters(recurse=False), None) is not None
+            ]  # fmt: skip
+            if not all(n in chosen for n in owners):
+                break
+            best = ancestor
+        return best
+
+    return list(dict.fromkeys(top(n) for n in names))
 
 
 def build_graph(
@@ -476,12 +566,15 @@ def build_graph(
             shapes matter (the cost is counted per sample).
         ignore: modules (or qualified names) whose output channels must never be pruned; a
             group is left out when one of its producing layers (or a layer inside an ignored
-            module) is ignored. Output heads are left out automatically.
+            module) is ignored. Output heads are left out automatically. Modules with
+            parameters that the example's forward never reaches must be listed here
+            (see the module docstring).
 
     Raises:
         TypeError: ``model`` is not a module; a group reaches a layer type that cannot be
             pruned exactly (the message names the module and its type).
-        ValueError: the model cannot be traced, has nothing prunable, or has gates attached.
+        ValueError: the model cannot be traced, has nothing prunable, has gates attached, or
+            has modules with parameters that the example's forward does not reach (named).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -498,7 +591,8 @@ def build_graph(
     ignored = _resolve_ignore(model, ignore, names)
     index = {n: i for i, n in enumerate(names.values())}
 
-    dg, out_grad_fns = _trace(model, inputs)
+    dg, out_grad_fns, reached = _trace(model, inputs)
+    unreached = _check_reached(model, reached, ignored)
     layers, order = _measure_layers(model, inputs)
     report = count_cost(model, inputs)
     untracked = _untracked(model, layers, report)
@@ -526,6 +620,7 @@ def build_graph(
         ignore=tuple(sorted(ignored)),
         execution_order=order,
         model_name=type(model).__name__,
+        unreached=unreached,
     )
 
 

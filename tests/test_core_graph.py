@@ -233,3 +233,59 @@ def test_check_masks_errors() -> None:
         graph.check_masks({"features.0": torch.full((20,), 0.5)})
     full = graph.check_masks({"features.0": [1] * 19 + [0]})
     assert int(full["features.0"].sum()) == 19 and bool(full["features.2"].all())
+
+
+# -- layers the trace never reached ----------------------------------------------------------
+
+
+class _Branchy(nn.Module):
+    """Data-dependent control flow: the example takes one branch, ``b`` is never traced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3)
+        self.a = nn.Conv2d(8, 8, 3)
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8))
+        self.aux = nn.Linear(8, 2)  # an auxiliary head, run only in training
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = self.a(x) if x.mean() > 0 else self.b(x)
+        h = x.mean((2, 3))
+        return (self.head(h), self.aux(h)) if self.training else self.head(h)
+
+
+def test_error_layers_the_trace_never_reached_are_named_with_ignore() -> None:
+    net = _Branchy()
+    with torch.no_grad():
+        net.stem.bias.fill_(1.0)  # x.mean() > 0 for a zero input: the example takes branch a
+    x = torch.zeros(1, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"never reached 'b' \(Sequential\), 'aux' \(Linear\).*ignore=\['b', 'aux'\]"):
+        build_graph(net, x)
+    graph = build_graph(net, x, ignore=["b", "aux"])
+    assert graph.unreached == ("aux", "b.0", "b.1")
+    assert graph.names == ("stem", "a")
+    assert not any(m.module.startswith(("b.", "aux")) for g in graph for m in g.members)
+    with pytest.raises(ValueError, match=r"never reached 'aux' \(Linear\)"):  # ignoring one is not enough
+        build_graph(net, x, ignore=["b"])
+
+
+def test_parameters_used_by_another_module_count_as_reached() -> None:
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.frozen = nn.Conv2d(3, 3, 1)
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.conv2 = nn.Conv2d(8, 8, 3)
+            self.proj = nn.Linear(8, 4)  # its forward never runs: its weight is used functionally
+
+        def forward(self, x):
+            x = self.frozen(x)  # no autograd path to its frozen weight, but its forward ran
+            h = F.relu(self.conv2(F.relu(self.conv(x)))).mean((2, 3))
+            return F.linear(h, self.proj.weight, self.proj.bias)
+
+    net = Functional()
+    net.frozen.requires_grad_(False)
+    graph = build_graph(net, torch.zeros(1, 3, 8, 8))
+    assert graph.names == ("conv",) and graph.unreached == ()
