@@ -5,36 +5,52 @@ Files written by :func:`save_pruned` hold only plain data and tensors, so they l
 
     {"format": "lightning-prune", "version": 1,
      "architecture": {"_target_": "lightning_prune.models.CifarResNet", "depth": 20, ...} or None,
-     "history": the pruning history (see lightning_prune.surgery.PruningHistory) or None,
+     "history": the pruning history (see lightning_prune.surgery.pruning_history) or None,
      "state_dict": the shrunk network's state dict}
 
 ``architecture`` is a Hydra-style description (``_target_`` plus keyword arguments, e.g. the
 ``model`` section of a config with ``num_classes`` added). :func:`load_pruned` rebuilds it
 only for targets inside ``lightning_prune.models`` and ``torchvision.models`` (building an
 arbitrary callable named in a file would defeat the point of ``weights_only``); for any
-other architecture pass ``model=`` a fresh instance.
+other architecture pass ``model=`` a fresh instance. Loading never downloads anything: an
+architecture asking for pretrained weights (``weights``, ``weights_backbone``, ``pretrained``,
+``pretrained_backbone`` other than None / False) is refused, and torchvision builders are
+called with every such argument set to None (e.g. the ImageNet backbone that detection and
+segmentation builders load by default).
+
+A file that cannot be read (empty, truncated, not written by ``torch.save``, holding pickled
+objects) or that does not have the layout above raises one ``ValueError`` naming the file.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import os
+import pickle
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from lightning_prune.cost import count_cost
 
 from lightning_prune.gating import GateSet, attached_gates
-from lightning_prune.surgery import HISTORY_ATTR, PruningHistory, pruning_history, replay, shrink
+from lightning_prune.folding import shrink_as_masked
+from lightning_prune.surgery import enable_pruned_loading, pruned_loading_enabled, pruning_history, replay
 
-__all__ = ["export", "save_pruned", "load_pruned", "ALLOWED_TARGETS"]
+__all__ = ["export", "save_pruned", "load_pruned", "load_checkpoint", "ALLOWED_TARGETS"]
 
 FORMAT = "lightning-prune"
 VERSION = 1
 ALLOWED_TARGETS = ("lightning_prune.models.", "torchvision.models.")
+# Constructor arguments that make a builder load pretrained weights (a download for torchvision);
+# a file may only set them to None or False.
+PRETRAINED_KEYS = ("weights", "weights_backbone", "pretrained", "pretrained_backbone")
 
 
 def _gate_sets(module: nn.Module) -> list[GateSet]:
@@ -55,8 +71,56 @@ def _strip_gate_sets(module: nn.Module) -> None:
                 delattr(parent, name)
 
 
-def export(module: nn.Module) -> nn.Module:
+BUDGET_ATTR = "_lightning_prune_budget"
+
+
+def record_budget(network: nn.Module, cost: str, target: float, full: float, example_input: tuple[Tensor, ...]) -> None:
+    """Note on ``network`` the budget it is pruned to, so that :func:`export` can check it
+    (a plain attribute: copies of the network carry it, its forward never sees it)."""
+    network.__dict__[BUDGET_ATTR] = {
+        "cost": cost, "target": float(target), "full": float(full),
+        "input_shapes": [list(t.shape) for t in example_input],
+        "input_dtypes": [str(t.dtype).removeprefix("torch.") for t in example_input],
+    }
+
+
+def export(module: nn.Module, *, allow_over_budget: bool = False) -> nn.Module:
     """A plain copy of the pruned network inside ``module``, physically shrunk, without gates.
+
+    - If gates are attached (to ``module`` or to a network inside it, e.g. a LightningModule's
+      ``net``), the gated network is copied and shrunk to the channels the gates keep
+      (``GateSet.alive()``); ``module`` itself is not changed.
+    - Otherwise the already shrunk network is copied: the submodule holding a pruning
+      history, or ``module`` itself when it is a plain ``nn.Module``.
+
+    The copy carries its pruning history (``lightning_prune.surgery.pruning_history``).
+
+    Args:
+        allow_over_budget: export even if the network costs more than the budget a pruning
+            callback set for it (a run that ended before hard pruning). By default that is
+            a ``ValueError``.
+    """
+    if not isinstance(allow_over_budget, bool):
+        raise TypeError(f"allow_over_budget must be a bool, got {type(allow_over_budget).__name__}")
+    out = _plain_copy(module)
+    budget = out.__dict__.get(BUDGET_ATTR)
+    if budget is not None and not allow_over_budget:
+        example = tuple(torch.zeros(s, dtype=getattr(torch, d)) for s, d in zip(budget["input_shapes"], budget["input_dtypes"]))
+        device = next(out.parameters(), torch.empty(0)).device
+        was_training = out.training
+        spent = count_cost(out.eval(), tuple(t.to(device) for t in example))[budget["cost"]]
+        out.train(was_training)
+        if spent > budget["target"]:
+            raise ValueError(
+                f"module: the network costs {budget['cost']} {spent:,}, over its budget {budget['target']:,.0f} "
+                f"({100 * spent / budget['full']:.1f}% of {budget['full']:,.0f}): it was not hard-pruned (did the run "
+                "end before HardPruning's at_epoch?); pass allow_over_budget=True to export it anyway"
+            )
+    return out
+
+
+def _plain_copy(module: nn.Module) -> nn.Module:
+    """The network inside ``module`` as a plain, shrunk copy (see :func:`export`).
 
     - If gates are attached (to ``module`` or to a network inside it, e.g. a LightningModule's
       ``net``), the gated network is copied and shrunk to the channels the gates keep
@@ -78,13 +142,13 @@ def export(module: nn.Module) -> nn.Module:
         with gs.suspended():
             out = copy.deepcopy(net)
         _strip_gate_sets(out)
-        shrink(out, masks, graph=graph)
+        shrink_as_masked(out, masks, graph=graph)  # folds what masking keeps, checks masked == shrunk
         return out
     if pruning_history(module) is not None or not isinstance(module, pl.LightningModule):
         out = copy.deepcopy(module)
         _strip_gate_sets(out)
         return out
-    holders = [name for name, m in module.named_modules() if isinstance(getattr(m, HISTORY_ATTR, None), PruningHistory)]
+    holders = [name for name, m in module.named_modules() if pruning_history(m) is not None]
     if len(holders) != 1:
         raise ValueError(
             f"{type(module).__name__} has no attached gates and "
@@ -143,20 +207,166 @@ def save_pruned(module: nn.Module, path: str | os.PathLike, *, architecture: Map
     torch.save(payload, path)
 
 
-def _build(architecture: Mapping[str, Any]) -> nn.Module:
+def load_checkpoint(module: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
+    """Load a Lightning checkpoint (or a plain state dict) into ``module``, a fresh instance of
+    the LightningModule or network that was trained, including checkpoints taken after
+    :class:`~lightning_prune.callbacks.HardPruning` shrank the network: the pruning history
+    they carry is replayed onto ``module`` first. Use it where ``MyModule.load_from_checkpoint``
+    fails with a size mismatch (it copies the smaller tensors into a full-size module)::
+
+        module = lightning_prune.load_checkpoint(MyModule(...), "epoch=9.ckpt")
+
+    Checkpoints of the soft phase hold the gates too: resume those with the callbacks
+    (``trainer.fit(..., ckpt_path=...)``). Returns ``module``.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    payload = read_torch_file(path, "a Lightning checkpoint or a state dict", prefix="load_checkpoint: ")
+    state = payload.get("state_dict", payload) if isinstance(payload, Mapping) else payload
+    if not isinstance(state, Mapping):
+        raise ValueError(f"load_checkpoint: {os.fspath(path)} holds a {type(state).__name__}, not a checkpoint or state dict")
+    if not pruned_loading_enabled(module):
+        enable_pruned_loading(module)
+    try:
+        module.load_state_dict(state, strict=strict)
+    except RuntimeError as error:
+        raise ValueError(f"load_checkpoint: the weights in {os.fspath(path)} do not fit {type(module).__name__}: {error}") from None
+    return module
+
+
+def read_torch_file(path: str | os.PathLike, what: str, *, prefix: str = "", map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with clear errors naming the file.
+
+    Raises:
+        FileNotFoundError: there is no file at ``path``.
+        ValueError: ``path`` is not a regular file, or ``torch.load`` cannot read it (empty,
+            truncated, random bytes, not written by ``torch.save``, or holding pickled objects
+            other than tensors and plain data); the message says the file is not ``what``
+            (e.g. ``"a lightning-prune file"``).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{prefix}no file {p}")
+    if not p.is_file():
+        raise ValueError(f"{prefix}cannot read {p}: it is not a file, so it is not {what}")
+    if p.stat().st_size == 0:
+        raise ValueError(f"{prefix}cannot read {p}: the file is empty, so it is not {what}")
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except OSError:
+        raise  # permissions and the like: the message already names the file
+    except pickle.UnpicklingError:
+        # torch's message suggests loading with weights_only=False, i.e. running whatever the file holds.
+        raise ValueError(
+            f"{prefix}cannot read {p}: it is not {what} (it holds something other than tensors and plain data, "
+            "or it is corrupt)"
+        ) from None
+    except EOFError as error:
+        raise ValueError(f"{prefix}cannot read {p}: it is not {what} (the data ends early: truncated?)") from error
+    except Exception as error:  # torch.load raises RuntimeError, KeyError, ValueError, ... on foreign bytes
+        raise ValueError(
+            f"{prefix}cannot read {p}: it is not {what} (not a complete file written by torch.save: truncated or "
+            f"corrupt; torch.load raised {type(error).__name__})"
+        ) from error
+
+
+def _without_pretrained(factory: Any, kwargs: dict[str, Any], where: str) -> dict[str, Any]:
+    """``kwargs`` checked and completed so that ``factory(**kwargs)`` loads no pretrained weights."""
+    for key in PRETRAINED_KEYS:
+        if key not in kwargs:
+            continue
+        if kwargs[key] is None or kwargs[key] is False:
+            del kwargs[key]  # the default (no weights) or set to None below
+            continue
+        raise ValueError(
+            f"{where}: architecture argument {key}={kwargs[key]!r} asks for pretrained weights; lightning-prune never "
+            "downloads weights (the saved state_dict holds them): remove it, or build the model yourself and pass model="
+        )
+    try:
+        import torchvision.models as tvm
+        from torchvision.models import WeightsEnum
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return kwargs
+    builder = factory
+    if factory is tvm.get_model and isinstance(kwargs.get("name"), str):
+        try:
+            builder = tvm.get_model_builder(kwargs["name"])
+        except ValueError:
+            return kwargs  # get_model raises its own "unknown model" error
+    try:
+        params = inspect.signature(builder).parameters.values()
+    except (TypeError, ValueError):
+        return kwargs
+    for param in params:
+        if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY) and (
+            param.name in PRETRAINED_KEYS or isinstance(param.default, WeightsEnum)
+        ):
+            kwargs[param.name] = None  # e.g. weights_backbone, whose default is an ImageNet backbone
+    return kwargs
+
+
+def _build(architecture: Mapping[str, Any], where: str = "architecture") -> nn.Module:
+    """The unpruned network described by ``architecture``; ``where`` (the file) prefixes errors."""
+    if not isinstance(architecture, Mapping) or not isinstance(architecture.get("_target_"), str):
+        raise ValueError(f"{where}: 'architecture' must be a mapping with a '_target_' string, or None")
     target = architecture["_target_"]
     if not any(target.startswith(prefix) for prefix in ALLOWED_TARGETS):
         raise ValueError(
-            f"architecture target {target!r} is not in {ALLOWED_TARGETS}; build the model yourself and pass model="
+            f"{where}: architecture target {target!r} is not in {ALLOWED_TARGETS}; build the model yourself and pass model="
         )
     module_path, _, attr = target.rpartition(".")
-    factory = getattr(importlib.import_module(module_path), attr, None)
+    if any(not part or part.startswith("_") for part in target.split(".")):
+        raise ValueError(f"{where}: architecture target {target!r} names a private or empty path; it must be a public "
+                         "model class or builder")
+    try:
+        module = importlib.import_module(module_path)
+    except ImportError as error:
+        raise ValueError(f"{where}: architecture target {target!r}: cannot import {module_path!r} ({error})") from error
+    factory = getattr(module, attr, None)
     if not callable(factory):
-        raise ValueError(f"architecture target {target!r} does not name a callable")
-    model = factory(**{k: v for k, v in architecture.items() if k != "_target_"})
+        raise ValueError(f"{where}: architecture target {target!r} does not name a callable")
+    # A name re-exported from elsewhere (torch.hub functions, functools.partial, ...) is not a model builder.
+    home = getattr(factory, "__module__", None) or ""
+    if not any(home == prefix[:-1] or home.startswith(prefix) for prefix in ALLOWED_TARGETS):
+        raise ValueError(
+            f"{where}: architecture target {target!r} is defined in {home!r}, not in {ALLOWED_TARGETS}; build the model "
+            "yourself and pass model="
+        )
+    kwargs = _without_pretrained(factory, {k: v for k, v in architecture.items() if k != "_target_"}, where)
+    try:
+        model = factory(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: cannot build the architecture {target!r}: {error}") from error
     if not isinstance(model, nn.Module):
-        raise TypeError(f"architecture target {target!r} returned {type(model).__name__}, not an nn.Module")
+        raise TypeError(f"{where}: architecture target {target!r} returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def _check_payload(payload: Any, where: str) -> None:
+    """The layout of a lightning-prune file (see the module docstring); ValueError naming ``where``."""
+    if not isinstance(payload, Mapping) or payload.get("format") != FORMAT:
+        raise ValueError(
+            f"cannot read {where}: it is not a lightning-prune file (no 'format': {FORMAT!r} entry); write one with "
+            "lightning_prune.save_pruned"
+        )
+    if payload.get("version") != VERSION:
+        raise ValueError(f"{where}: unsupported lightning-prune file version {payload.get('version')!r} (this is {VERSION})")
+    state = payload.get("state_dict")
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{where}: 'state_dict' must be a mapping of names to tensors, got {type(state).__name__}")
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{where}: 'state_dict' keys must be strings, got {key!r}")
+        if not isinstance(value, torch.Tensor) and not key.endswith("_extra_state"):
+            raise ValueError(f"{where}: 'state_dict'[{key!r}] must be a tensor, got {type(value).__name__}")
+    history = payload.get("history")
+    if history is not None and not isinstance(history, Mapping):
+        raise ValueError(f"{where}: 'history' must be a pruning history (a mapping) or None, got {type(history).__name__}")
+    architecture = payload.get("architecture")
+    if architecture is not None and (
+        not isinstance(architecture, Mapping) or not isinstance(architecture.get("_target_"), str)
+    ):
+        raise ValueError(f"{where}: 'architecture' must be a mapping with a '_target_' string, or None")
 
 
 def load_pruned(
@@ -166,23 +376,33 @@ def load_pruned(
 
     Args:
         model: a fresh, unpruned instance of the architecture; built from the recorded
-            ``architecture`` when ``None``.
+            ``architecture`` when ``None`` (never with pretrained weights, never downloading).
 
     Returns:
         The shrunk network with the saved weights, in eval mode.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: naming the file, when it is not a readable lightning-prune file, when its
+            content does not have the documented layout, when its architecture is not allowed
+            or asks for pretrained weights, or when its history / weights do not fit the model.
     """
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(payload, Mapping) or payload.get("format") != FORMAT:
-        raise ValueError(f"{os.fspath(path)!r} is not a lightning-prune file (save it with lightning_prune.save_pruned)")
-    if payload.get("version") != VERSION:
-        raise ValueError(f"{os.fspath(path)!r}: unsupported lightning-prune file version {payload.get('version')!r}")
+    where = os.fspath(path)
+    payload = read_torch_file(path, "a lightning-prune file", prefix="load_pruned: ", map_location=map_location)
+    _check_payload(payload, where)
     if model is None:
         if payload.get("architecture") is None:
-            raise ValueError(f"{os.fspath(path)!r} records no architecture; pass model= a fresh instance of the network")
-        model = _build(payload["architecture"])
+            raise ValueError(f"{where!r} records no architecture; pass model= a fresh instance of the network")
+        model = _build(payload["architecture"], where)
     elif not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
     if payload.get("history") is not None:
-        replay(model, payload["history"])
-    model.load_state_dict(payload["state_dict"])
+        try:
+            replay(model, payload["history"])
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
+            raise ValueError(f"{where}: its pruning history does not apply to {type(model).__name__}: {error}") from error
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as error:
+        raise ValueError(f"{where}: its weights do not fit {type(model).__name__}: {error}") from error
     return model.eval()

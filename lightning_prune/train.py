@@ -17,11 +17,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_prune.callbacks import GatedPruning
+from lightning_prune.callbacks import GatedPruning, HardPruning
 from lightning_prune.configs import config_dir
 from lightning_prune.cost import count_cost
 from lightning_prune.cost.measure import output_widths
-from lightning_prune.export import export, save_pruned
+from lightning_prune.export import export, read_torch_file, save_pruned
 from lightning_prune.timing import median_latency
 
 
@@ -37,9 +37,7 @@ def load_network_weights(net: torch.nn.Module, path: str | Path) -> None:
     a Lightning checkpoint of ``ImageClassifier`` (its ``state_dict`` entries under ``net.``) or
     a plain ``state_dict`` of the network. The shapes must match (a dense network's weights)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"init_from: no file {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_torch_file(path, "a checkpoint or state_dict file", prefix="init_from: ")
     if not isinstance(state, dict):
         raise ValueError(f"init_from: {path} holds a {type(state).__name__}, not a checkpoint or state_dict")
     if isinstance(state.get("state_dict"), dict):
@@ -87,6 +85,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
         ckpt = "best" if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path else None
         trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    unpruned = [c for c in trainer.callbacks if isinstance(c, HardPruning) and c.pruned_at is None]
+    if unpruned and not trainer.fast_dev_run:
+        raise RuntimeError(
+            f"the run ended in epoch {trainer.current_epoch} before hard pruning at epoch {unpruned[0].at_epoch} "
+            "(stopped early?): the network is not pruned, so no pruned_model.pt was written"
+        )
+    if unpruned:  # a fast_dev_run smoke test: it never reaches hard pruning
+        dense = None
     final = (export(module) if dense is not None else module.net).cpu()
     cost = count_cost(final, example)
     metrics.update(macs=float(cost.macs), params=float(cost.params))
@@ -125,15 +131,22 @@ def _kwargs(node: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not k.startswith("_")}
 
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    metrics = run(cfg)
+def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The value of ``cfg.optimized_metric`` in ``metrics`` (what the task function returns to
+    sweepers); ``None`` when it is not set. ValueError naming the key when it was not logged."""
     name = cfg.get("optimized_metric")
     if not name:
         return None
+    if not isinstance(name, str):
+        raise ValueError(f"optimized_metric must be the name of a logged metric (a string) or null, got {name!r}")
     if name not in metrics:
         raise ValueError(f"optimized_metric: {name!r} was not logged; logged metrics are {sorted(metrics)}")
     return metrics[name]
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return optimized_value(cfg, run(cfg))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -189,3 +190,80 @@ def test_sweep_errors_are_clear(app: Path, tmp_path: Path) -> None:
     proc = run_sweep(app, tmp_path / "s2", tmp_path / "l2", "search.mode=a,b")
     assert proc.returncode != 0 and "not supported" in proc.stderr
     assert not (tmp_path / "l2").exists()  # rejected before any job ran
+
+
+def _sweeper_and_search():
+    """An AdaNSSweeper and a CompressionSearch with the settings of CONFIG (no Hydra run)."""
+    from hydra_plugins.adans_sweeper.adans_sweeper import AdaNSSweeper
+    from lightning_prune.search import CompressionSearch, SearchSpace, make_sampler
+
+    sweeper = AdaNSSweeper(sampler="gaussian", batch_size=6, iterations=2, threshold=80.0, boundary_steps=3, seed=3,
+                           final_overrides=["search.mode=final"], progress=False)
+    space = SearchSpace.of(kinds=["rate", "rate", "rank", "rate"], names=["conv1", "conv2", "fc1", "fc2"])
+    return sweeper, CompressionSearch(space, make_sampler("gaussian"), **sweeper.settings)
+
+
+def test_a_corrupt_state_file_names_itself_and_the_way_out(straight: tuple, tmp_path: Path) -> None:
+    good = (straight[0] / "adans_state.json").read_text()
+    path = tmp_path / "adans_state.json"
+    sweeper, search = _sweeper_and_search()
+    sweeper.state_path = path
+    path.write_text(good)
+    sweeper._load(search)  # the real state loads
+    assert search.done and sweeper.job_idx == json.loads(good)["job_idx"]
+    broken = json.loads(good)
+    del broken["search"]["ada"]["xs"]
+    cases = {
+        good[: len(good) // 2]: "not valid JSON",  # truncated
+        "[1, 2]": "JSON list, not an object",
+        json.dumps({**json.loads(good), "job_idx": "seven"}): "'job_idx' must be an int, got str",
+        json.dumps(broken): "cannot be resumed",
+    }
+    for text, words in cases.items():
+        path.write_text(text)
+        sweeper, search = _sweeper_and_search()
+        sweeper.state_path = path
+        with pytest.raises(ValueError) as info:
+            sweeper._load(search)
+        message = str(info.value)
+        assert str(path.resolve()) in message and words in message and f"delete {path.resolve()}" in message
+
+
+def test_finished_jobs_keep_only_this_sweeps_evaluations(straight: tuple, tmp_path: Path) -> None:
+    sweep, log, _ = straight
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy)
+    sweeper, _ = _sweeper_and_search()
+    sweeper.sweep_dir = copy
+    points = evaluated(log)
+    evaluations, finals, last = sweeper._finished_jobs([f"log_file={log}"])
+    assert sorted(evaluations) == sorted(points) and len(finals) == 1 and last == len(points)
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())["best_x"]
+    assert finals[tuple(best)]["exported"] is True and "exported" not in evaluations[tuple(best)]
+    # jobs run with other overrides (another task config) are not this sweep's results
+    assert sweeper._finished_jobs([f"log_file={tmp_path / 'other.jsonl'}"])[:2] == ({}, {})
+    # records of an earlier version (no job number, no overrides): all evaluations, the first job of a point wins
+    for path in copy.rglob("adans_result.json"):
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({"x": record["x"], "result": record["result"]}))
+    (copy / "0" / "adans_result.json").write_text('{"x": [0.0, 0.')  # killed while writing: skipped
+    evaluations, finals, last = sweeper._finished_jobs(["anything=1"])
+    assert len(evaluations) == len(points) - 1 and not finals and last == len(points)
+    assert "exported" not in evaluations[tuple(best)]
+
+
+def test_a_lost_state_file_is_rebuilt_from_the_job_results(app: Path, straight: tuple, tmp_path: Path) -> None:
+    sweep, log, _ = straight
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy)
+    (copy / "adans_state.json").unlink()
+    lines = log.read_text()
+    proc = run_sweep(app, copy, log)  # the same overrides as the straight sweep (log_file=<its log>)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rebuilding the sweep state from the" in proc.stderr + proc.stdout
+    assert log.read_text() == lines  # no job ran again, the final job included
+    # The replay reproduces the lost state exactly (history, box, sampler and generator state, final result).
+    assert json.loads((copy / "adans_state.json").read_text()) == json.loads((sweep / "adans_state.json").read_text())
+    assert yaml.safe_load((copy / "optimization_results.yaml").read_text()) == yaml.safe_load(
+        (sweep / "optimization_results.yaml").read_text()
+    )

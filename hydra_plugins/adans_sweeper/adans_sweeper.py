@@ -5,12 +5,17 @@ submitit, ray, ...) as one job per point, with the point passed as the override
 ``<x_key>=[x_1,...,x_d]``. A job returns ``{"accuracy": percent, "cost": number}`` (extra keys
 are kept). The sweeper
 
-- wraps the task function so that every finished job also writes its point and result to
-  ``adans_result.json`` in its own output folder;
+- wraps the task function so that every finished job also writes its point, result, job
+  number and overrides to ``adans_result.json`` in its own output folder;
 - saves the search state to ``<sweep dir>/adans_state.json`` before and after every batch;
 - when that file exists at start (``hydra.sweep.dir`` set to an interrupted sweep), resumes
   from it, taking the results of jobs that finished before the interruption from their
-  ``adans_result.json`` instead of launching them again;
+  ``adans_result.json`` instead of launching them again; a state file that is not valid JSON
+  or not a sweep state raises a ``ValueError`` naming it and saying how to recover (delete it);
+- when that file is missing but the sweep folder holds job results of an earlier run,
+  rebuilds the state from them (see :meth:`AdaNSSweeper._finished_jobs`): the search is
+  replayed from its seed, and every point whose result is on disk is told that result instead
+  of being launched, so finished evaluations are never run again;
 - at the end writes ``optimization_results.yaml`` and ``adans_progress.png`` (best score
   against evaluations), logs a summary and, if ``final_overrides`` is set, launches one last
   job on the best point with those overrides (e.g. ``search.mode=final`` to build, fine-tune
@@ -25,7 +30,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
@@ -65,6 +70,43 @@ def format_x(x: Sequence[float]) -> str:
     return "[" + ",".join(repr(float(v)) for v in x) + "]"
 
 
+def _recovery(path: Path) -> str:
+    return (f"delete {path} to recover: the sweep then rebuilds its state from the job results ({RESULT_FILE}) in "
+            f"{path.parent} and launches only the evaluations that are missing")
+
+
+# Top-level entries of adans_state.json and their JSON types.
+STATE_LAYOUT: Dict[str, Tuple[type, str]] = {
+    "job_idx": (int, "an int"), "sampler": (str, "a string"), "sampler_options": (dict, "an object"),
+    "search": (dict, "an object"),
+}
+
+
+def read_state(path: Path) -> Dict[str, Any]:
+    """The sweep state saved in ``path`` (``adans_state.json``), its top-level layout checked.
+
+    Raises:
+        ValueError: naming the file and how to recover, when it is not UTF-8 JSON or not an
+            object with the entries of :data:`STATE_LAYOUT` (``final`` is optional).
+    """
+    path = Path(path).resolve()
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a valid AdaNS sweep state: it is not valid JSON ({error}); "
+                         f"{_recovery(path)}") from error
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a valid AdaNS sweep state: it holds a JSON {type(state).__name__}, not an "
+                         f"object; {_recovery(path)}")
+    for key, (kind, described) in STATE_LAYOUT.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            got = "nothing" if key not in state else f"{type(value).__name__} {value!r}"[:80]
+            raise ValueError(f"{path} is not a valid AdaNS sweep state: {key!r} must be {described}, got {got}; "
+                             f"{_recovery(path)}")
+    return state
+
+
 class RecordingTask:
     """The task function, plus: write ``{"x": ..., "result": ...}`` to the job's output folder.
 
@@ -79,8 +121,12 @@ class RecordingTask:
     def __call__(self, cfg: DictConfig) -> Any:
         result = self.task_function(cfg)
         x = OmegaConf.select(cfg, self.x_key)
-        record = {"x": _plain(x), "result": _plain(result)}
-        out = Path(HydraConfig.get().runtime.output_dir) / RESULT_FILE
+        hydra_cfg = HydraConfig.get()
+        # job and overrides let a sweep that lost its state file tell its own evaluations (and
+        # its final job) apart from jobs run with other overrides (see AdaNSSweeper._finished_jobs)
+        record = {"x": _plain(x), "result": _plain(result), "job": hydra_cfg.job.num,
+                  "overrides": list(hydra_cfg.overrides.task)}
+        out = Path(hydra_cfg.runtime.output_dir) / RESULT_FILE
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(record))
         os.replace(tmp, out)
@@ -135,6 +181,7 @@ class AdaNSSweeper(Sweeper):
         self.job_idx = 0
         self._search: Optional[CompressionSearch] = None
         self._final: Any = None
+        self._finals_before: Dict[tuple, Any] = {}  # results of final jobs found on disk, by point
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
@@ -204,28 +251,90 @@ class AdaNSSweeper(Sweeper):
         os.replace(tmp, self.state_path)
 
     def _load(self, search: CompressionSearch) -> None:
-        state = json.loads(self.state_path.read_text())
+        """Restore the sweep from ``self.state_path``; ValueError naming the file when it cannot be."""
+        state = read_state(self.state_path)
         saved = (state["sampler"], state["sampler_options"])
         if saved != (self.sampler, self.sampler_options):
             raise ValueError(
                 f"{self.state_path} was saved by a sweep with sampler {saved}, this one uses "
                 f"{(self.sampler, self.sampler_options)}; use a new hydra.sweep.dir"
             )
-        search.load_state_dict(state["search"])
-        self.job_idx = int(state["job_idx"])
+        try:
+            search.load_state_dict(state["search"])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+            path = Path(self.state_path).resolve()
+            raise ValueError(
+                f"{path} cannot be resumed: its 'search' entry does not load ({type(error).__name__}: {error}). If the "
+                f"sweep settings changed, use a new hydra.sweep.dir; if the file is damaged, {_recovery(path)}"
+            ) from error
+        self.job_idx = state["job_idx"]
         self._final = state.get("final")
 
-    def _finished_jobs(self) -> Dict[tuple, Dict[str, Any]]:
-        """Results already written by jobs in this sweep folder, by point."""
-        out: Dict[tuple, Dict[str, Any]] = {}
+    def _finished_jobs(self, arguments: Sequence[str]) -> Tuple[Dict[tuple, Dict[str, Any]], Dict[tuple, Any], int]:
+        """Results already written by jobs in this sweep folder: ``(evaluations, final jobs, last job number)``.
+
+        ``evaluations`` and ``final jobs`` map a point (tuple of floats) to the result of the job
+        that evaluated it (with the overrides ``arguments``) or ran the final job on it (with
+        ``arguments`` and ``final_overrides``). Records of jobs run with other overrides are left
+        out (their results belong to another task config), so are unreadable records (a job
+        killed while writing: it runs again); when two records hold the same point, the one of
+        the lower job number is kept. Records written before job numbers and overrides were
+        recorded are all taken as evaluations. ``last job number`` is the highest job number
+        found (in records, or as a numbered job folder), -1 if none.
+
+        This is what a sweep whose ``adans_state.json`` is missing is rebuilt from. The search
+        is deterministic given its settings (seed included) and the results it is told, so
+        replaying it from the start with these results reproduces the lost state exactly: the
+        history, the boundary box, the sampler's state and the random generator's state, the
+        log of evaluations, and (when the final job's record is found) the final result. What
+        cannot be recovered: results of jobs that died before writing their record (they run
+        again), and anything of a run with other sweeper settings (a different seed, batch
+        size, sampler, ...): the replay then asks other points, and only those that coincide
+        with a point on disk are reused. New jobs are numbered after the last job found.
+        """
+        def job_number(path: Path, record: Dict[str, Any]) -> int:
+            num = record.get("job")
+            if isinstance(num, int) and not isinstance(num, bool):
+                return num
+            first = path.relative_to(self.sweep_dir).parts[0]
+            return int(first) if first.isdigit() else -1
+
+        x_prefix = f"{self.x_key}="
+        plain_args = sorted(arguments)
+        final_args = sorted([*arguments, *(self.final_overrides or [])])
+        found: List[Tuple[int, str, tuple, Any]] = []
+        last = max((int(p.name) for p in self.sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), default=-1)
         for path in self.sweep_dir.rglob(RESULT_FILE):
             try:
                 record = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
                 continue  # a job killed while writing: evaluate it again
-            if isinstance(record.get("x"), list) and isinstance(record.get("result"), dict):
-                out[tuple(float(v) for v in record["x"])] = record["result"]
-        return out
+            if not isinstance(record, dict) or not isinstance(record.get("x"), list) or "result" not in record:
+                continue
+            try:
+                x = tuple(float(v) for v in record["x"])
+            except (TypeError, ValueError):
+                continue
+            num = job_number(path, record)
+            last = max(last, num)
+            overrides = record.get("overrides")
+            if overrides is None:
+                kind = "evaluation"
+            elif isinstance(overrides, list):
+                rest = sorted(str(o) for o in overrides if not str(o).startswith(x_prefix))
+                kind = "evaluation" if rest == plain_args else "final" if self.final_overrides and rest == final_args else ""
+            else:
+                kind = ""
+            if kind:
+                found.append((num, kind, x, record["result"]))
+        evaluations: Dict[tuple, Dict[str, Any]] = {}
+        finals: Dict[tuple, Any] = {}
+        for num, kind, x, result in sorted(found, key=lambda item: item[0]):
+            if kind == "evaluation" and isinstance(result, dict):
+                evaluations.setdefault(x, result)
+            elif kind == "final":
+                finals.setdefault(x, result)
+        return evaluations, finals, last
 
     # --- the sweep --------------------------------------------------------------------------------
     def sweep(self, arguments: List[str]) -> Any:
@@ -241,12 +350,15 @@ class AdaNSSweeper(Sweeper):
         space = self._space()
         search = CompressionSearch(space, make_sampler(self.sampler, **self.sampler_options), **self.settings)
         self._search, self._final = search, None
-        done_before: Dict[tuple, Dict[str, Any]] = {}
+        done_before, self._finals_before, last_job = self._finished_jobs(arguments)
         if self.state_path.is_file():
             self._load(search)
-            done_before = self._finished_jobs()
             log.info(f"AdaNS: resuming {self.state_path} ({search.status()['evaluations']} evaluations done, "
                      f"{len(done_before)} job results on disk)")
+        elif done_before or self._finals_before:
+            log.info(f"AdaNS: no {STATE_FILE} in {self.sweep_dir}; rebuilding the sweep state from the "
+                     f"{len(done_before)} job results on disk (replaying the search; those points are not launched again)")
+        self.job_idx = max(self.job_idx, last_job + 1)  # never reuse a job folder
         log.info(f"AdaNS: {self.sampler} sampler over {space.d} dimensions, batch {self.settings['batch_size']}, "
                  f"{self.settings['iterations']} iterations, A_thr = {self.settings['threshold']} %; "
                  f"sweep folder {self.sweep_dir}")
@@ -327,11 +439,13 @@ class AdaNSSweeper(Sweeper):
             "iterations": search.ada.iteration,
         }
         if self.final_overrides:
+            if self._final is None:  # a final job that finished before its result was saved in the state
+                self._final = self._finals_before.get(tuple(float(v) for v in best["x"]))
             if self._final is None:
                 self._final = self._launch(arguments, [np.asarray(best["x"])], extra=self.final_overrides)[0]
-                self._write()
             results["final"] = self._final
             log.info(f"AdaNS: final job on the best x: {self._final}")
+        self._write()  # the finished state (also when a rebuilt sweep launched nothing)
         OmegaConf.save(OmegaConf.create(_sanitize(results)), self.sweep_dir / "optimization_results.yaml")
         return results
 
