@@ -19,11 +19,12 @@ import lightning_prune
 from lightning_prune.callbacks import BudgetAwareRegularization, HardPruning, SigmoidalBudgetAnnealing
 from lightning_prune.budget import distillation_loss
 from lightning_prune.callbacks.bar import _DistillGradient
+from lightning_prune.callbacks.gated import example_from_batch
 from lightning_prune.classifier import ImageClassifier
 from lightning_prune.data import MNISTDataModule
 from lightning_prune.gates import HardConcreteGate
 from lightning_prune.models import CifarResNet, LeNet5
-from tests.bar_helpers import TINY, ForeignModule, assert_resumes_to_the_same_state, tiny_loader, trainer
+from tests.bar_helpers import TINY, ForeignModule, TinyCNN, assert_resumes_to_the_same_state, tiny_loader, trainer
 
 
 @pytest.fixture
@@ -237,8 +238,8 @@ def test_bad_arguments(kwargs, error, match):
 def test_unreachable_budget_and_missing_partners_fail_at_setup():
     with pytest.raises(ValueError, match="one channel per prunable group"):
         BudgetAwareRegularization(budget=1e-4, cost="macs", example_input=TINY).setup(trainer(), ForeignModule(), "fit")
-    with pytest.raises(ValueError, match="example_input"):
-        BudgetAwareRegularization(factor=2).setup(trainer(), ForeignModule(), "fit")
+    with pytest.raises(ValueError, match="example_input: none of the tensors of the first training batch"):
+        example_from_batch(TinyCNN(), {"labels": torch.zeros(4, dtype=torch.long), "ids": torch.zeros(4, 3)})
     t = trainer(max_epochs=1, callbacks=[SigmoidalBudgetAnnealing(until_epoch=1)])
     with pytest.raises(ValueError, match="BudgetAwareRegularization"):
         t.fit(ForeignModule(), tiny_loader())

@@ -127,16 +127,14 @@ class BudgetAwareRegularization(GatedPruning):
         return HardConcreteGate(group.size)
 
     # -- setup ---------------------------------------------------------------------------------
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        fresh = self.network is None
-        super().setup(trainer, pl_module, stage)
-        if fresh and self.network is not None and not self.current_budget:
+    def _prepared(self) -> None:
+        if not self.current_budget:
             self.current_budget = self.target_cost
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
+    def _fit_started(self, trainer: L.Trainer) -> None:
+        super()._fit_started(trainer)
         self._trainer = trainer
-        if self.distillation and self.active and self.gates is not None:
+        if self.distillation and self.active and self.teacher is None:
             with self.gates.suspended():
                 self.teacher = copy.deepcopy(self.network)
             if self._teacher_state is not None:  # resumed: the teacher of the original run

@@ -246,7 +246,8 @@ class DirichletImportance(GatedPruning):
         self._enter_epoch(trainer)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._epoch != trainer.current_epoch:  # resumed mid-epoch: on_train_epoch_start did not run
+        traced_now = self.ensure_ready(trainer, pl_module, batch)
+        if traced_now or self._epoch != trainer.current_epoch:  # resumed mid-epoch: on_train_epoch_start did not run
             self._enter_epoch(trainer)
         if self.layerwise and self.active and self.in_switch_phase(trainer.current_epoch):
             self.learn((self.layer_at(trainer.current_epoch, batch_idx // trainer.accumulate_grad_batches),))
