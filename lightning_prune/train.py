@@ -1,6 +1,6 @@
 """Hydra entry point: ``python -m lightning_prune.train`` (console script ``lightning-prune``).
 
-With no arguments it runs the main job of ``conf/train.yaml``. The task function returns the
+With no arguments it runs the main job of ``conf/train/train.yaml``. The task function returns the
 metric named by ``optimized_metric`` so that Hydra sweepers can optimise it.
 """
 
@@ -19,10 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_prune.callbacks import GatedPruning, HardPruning
 from lightning_prune.configs import config_dir
-from lightning_prune.cost import count_cost
-from lightning_prune.cost.measure import output_widths
-from lightning_prune.export import export, read_torch_file, save_pruned
-from lightning_prune.timing import median_latency
+from lightning_prune.core.cost import count_cost
+from lightning_prune.core.cost.measure import output_widths
+from lightning_prune.core.export import export, read_torch_file, save_pruned
+from lightning_prune.core.timing import median_latency
 
 
 def _instantiate_dict(section: DictConfig | None) -> list[Any]:
@@ -144,7 +144,7 @@ def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
     return metrics[name]
 
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+@hydra.main(version_base="1.3", config_path=str(config_dir("train")), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     return optimized_value(cfg, run(cfg))
 

@@ -42,10 +42,10 @@ def _small_threads() -> Iterator[None]:
 
 
 def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
-    """Compose ``train.yaml`` with ``overrides`` as ``python -m lightning_prune.train`` would,
+    """Compose ``conf/train/train.yaml`` with ``overrides`` as ``python -m lightning_prune.train`` would,
     with the Hydra runtime set so that ``${hydra:...}`` interpolations resolve."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir("train")), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(output_dir)

@@ -53,14 +53,14 @@ SMALL_COMPRESSOR = [
     "compressor.depth=1",
     "compressor.latent_channels=8",
     "compressor.hidden=16",
-    "archcomp/optimizer@compressor.optimizer=adam",
+    "compressor/optimizer=adam",
     "compressor.optimizer.lr=0.01",
     "compressor.scheduler=null",
 ]
 
 
 def config(tmp_path: Path, *overrides: str) -> DictConfig:
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+    with initialize_config_dir(str(config_dir("archcomp")), version_base="1.3"):
         return compose("archcomp", overrides=[f"paths.log_dir={tmp_path}", *TINY, *overrides])
 
 
@@ -143,6 +143,17 @@ def test_fit_and_compress_stages(tmp_path: Path) -> None:
     for part in ("original", "compressed"):
         assert len(report[part]["accuracies"]) == 1 and 0 <= report[part]["accuracy"] <= 1
     assert len(report["trajectory"]) == 3
+    # The trained compressed network is saved in the lightning-prune format, rebuilt from its tokens.
+    import lightning_prune
+
+    path = Path(report["compressed"]["file"])
+    assert path == Path(cfg.compressed_file) and report["compressed"]["file_seed"] == 0
+    payload = torch.load(path, weights_only=True)
+    assert payload["architecture"] == {"_target_": "lightning_prune.archcomp.models.build", "tokens": tokens,
+                                       "input_shape": list(MNIST)}
+    winner = lightning_prune.load_pruned(path)
+    assert count_cost(winner, torch.zeros(1, *MNIST)).params == measured
+    assert [list(t) for t in to_tokens(winner, MNIST)] == tokens
 
 
 def test_failed_training_is_recorded_and_left_out_but_config_errors_raise(tmp_path: Path) -> None:

@@ -1,4 +1,6 @@
-"""AdaNS compression spaces (papers/002 Appendix A) and the candidate job.
+"""AdaNS compression spaces (Javaheripi, Samragh, Javidi and Koushanfar, "AdaNS: Adaptive
+Non-Uniform Sampling for Automated Design of Compact DNNs", IEEE JSTSP 2020, doi:10.1109/JSTSP.2020.2992384;
+Appendix A) and the candidate job.
 
 For every space: the real compressed model's cost, measured with ``count_cost`` (non-zero
 weights for unstructured pruning), equals the predicted cost, and it computes what the
@@ -20,6 +22,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn import functional as F
 
+import lightning_prune
 from lightning_prune import count_cost
 from lightning_prune.models import CifarResNet, LeNet5
 from lightning_prune.search.spaces import KINDS, CompressionSpace, sparse_cost, top1
@@ -155,6 +158,41 @@ def test_decomposition_shapes_and_skipping() -> None:
     assert count_cost(small, torch.zeros(1, 1, 28, 28)).macs == space.predict_cost(x)
 
 
+WINNERS = [(arch, kind) for arch in ("lenet5", "resnet8")
+           for kind in ("structured", "svd", "tucker2", "decomposition+structured", "unstructured")]
+
+
+@pytest.mark.parametrize(("arch", "kind"), WINNERS)
+def test_winners_round_trip_through_save_pruned_and_load_pruned(arch: str, kind: str, tmp_path: Path) -> None:
+    """The compressed model of every space saves in the one lightning-prune format (architecture,
+    pruning history, decompositions, weights) and loads back, also with plain ``torch.load``."""
+    torch.manual_seed(0)
+    if arch == "lenet5":
+        model, shape = LeNet5(num_classes=10).eval(), (1, 28, 28)
+        architecture = {"_target_": "lightning_prune.models.LeNet5", "num_classes": 10}
+    else:
+        model, shape = _perturbed(CifarResNet(8, num_classes=10)), (3, 32, 32)
+        architecture = {"_target_": "lightning_prune.models.CifarResNet", "depth": 8, "num_classes": 10}
+    inputs = torch.randn(4, *shape)
+    space = CompressionSpace(model, inputs[:1], kind, "macs")
+    if space.structured:
+        space.rank_channels([(inputs, torch.randint(0, 10, (4,)))])
+    x = np.random.default_rng(3).random(space.search_space.d) * 0.8
+    small = space.compress(x)
+    path = tmp_path / "compressed.pt"
+    lightning_prune.save_pruned(small, path, architecture=architecture)
+    payload = torch.load(path, weights_only=True)  # plain data and tensors only
+    assert payload["format"] == "lightning-prune" and payload["version"] == 2
+    kinds = {step["kind"] for step in payload["decompositions"]}
+    allowed = {"svd": {"svd"}, "tucker2": {"tucker2"}, "decomposition+structured": {"svd", "tucker2"}}.get(kind, set())
+    assert kinds <= allowed and bool(kinds) == bool(allowed)  # the winner has decomposed layers when it can
+    assert (payload["history"] is not None) == space.structured
+    loaded = lightning_prune.load_pruned(path)
+    assert count_cost(loaded, inputs[:1]).macs == count_cost(small, inputs[:1]).macs
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(inputs), small(inputs), atol=1e-5, rtol=1e-5)
+
+
 def test_space_validation() -> None:
     model = LeNet5(num_classes=10)
     with pytest.raises(ValueError, match="kind"):
@@ -196,7 +234,7 @@ def _job_cfg(checkpoint: Path, data_dir: Path, **search: object):
     GlobalHydra.instance().clear()
     overrides = [f"search.checkpoint={checkpoint}", f"data.data_dir={data_dir}", "search.eval_size=300",
                  "search.rank_size=100", "search.final.test=false"] + [f"search.{k}={v}" for k, v in search.items()]
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir("search")), version_base="1.3"):
         return compose("adans", overrides=overrides)
 
 
@@ -221,7 +259,7 @@ def test_candidate_job_evaluates_and_builds_the_winner(lenet_checkpoint: Path, d
     out = job.final(cfg, ev, np.array([0.5, 0.5, 0.5]), tmp_path)
     assert out["measured_cost"] == out["cost"] == half["cost"]
     assert out["accuracy"] == pytest.approx(half["accuracy"])
-    rebuilt = job.load_compressed(out["path"], LeNet5(num_classes=10), torch.zeros(1, 1, 28, 28))
+    rebuilt = lightning_prune.load_pruned(out["path"])
     assert top1(rebuilt, ev.inputs, ev.targets) == pytest.approx(half["accuracy"])
     # For sweepers that maximise one number (Optuna): x per dimension, the score as a float.
     record = tmp_path / "record.jsonl"

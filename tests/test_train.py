@@ -18,10 +18,10 @@ from lightning_prune.train import run
 from tests.conftest import compose_train
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
-# archcomp_* experiments belong to the root conf/archcomp.yaml (python -m lightning_prune.archcomp)
+ALL_EXPERIMENTS = sorted(p.stem for root in ("train", "archcomp") for p in (config_dir(root) / "experiment").glob("*.yaml"))
+# archcomp_* experiments belong to the root conf/archcomp/archcomp.yaml (python -m lightning_prune.archcomp)
 EXPERIMENTS = [e for e in ALL_EXPERIMENTS if not e.startswith("archcomp_")]
-MODELS = sorted(p.stem for p in (config_dir() / "model").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (config_dir("shared") / "model").glob("*.yaml"))
 
 
 def test_configs_are_the_repositorys_conf_folder():
@@ -45,7 +45,7 @@ def test_architecture_compression_experiments_compose_with_their_root(experiment
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir("archcomp")), version_base="1.3"):
         cfg = compose("archcomp", overrides=[f"experiment={experiment}"])
     assert cfg.stage in ("generate", "collect", "fit", "compress", "all")
 
@@ -86,7 +86,7 @@ def test_main_job_prunes_lenet5_to_the_mac_budget_and_exports_it(tmp_path, data_
     from lightning_prune import count_cost, load_pruned
 
     cfg = compose_train(
-        ["pruning.soft_epochs=1", "trainer.max_epochs=2", "scheduler.milestones=[1]", "data.subset=1024",
+        ["pruning.prune_epoch=1", "trainer.max_epochs=2", "scheduler.milestones=[1]", "data.subset=1024",
          "trainer.limit_val_batches=1", "trainer.limit_test_batches=2", "data.eval_batch_size=256"], tmp_path
     )
     assert cfg.task_name == "bar_lenet5_mnist" and cfg.budget.factor == 16 and cfg.budget.cost == "macs"
@@ -172,7 +172,7 @@ def test_run_starts_from_init_from(tmp_path, data_dir):
 
 
 def test_removing_the_pruning_group_trains_the_dense_network(tmp_path, data_dir, capsys):
-    # the experiment keeps its own `pruning.soft_epochs` key, but no pruning callback remains
+    # the experiment keeps its own `pruning.prune_epoch` key, but no pruning callback remains
     cfg = compose_train(["experiment=bar_lenet5_mnist", "~pruning", *FAST], tmp_path)
     assert "bar" not in cfg.pruning
     metrics = run(cfg)
@@ -181,7 +181,7 @@ def test_removing_the_pruning_group_trains_the_dense_network(tmp_path, data_dir,
 
 
 def test_median_latency_times_every_model_and_checks_its_arguments():
-    from lightning_prune.timing import median_latency
+    from lightning_prune.core.timing import median_latency
 
     small, large = torch.nn.Linear(8, 8), torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(50)])
     times = median_latency({"small": small, "large": large}, torch.zeros(1, 8), repeats=5, warmup=1)

@@ -1,5 +1,5 @@
-"""Architecture Compression (papers/003, Ashok): compress a network by gradient descent in a
-learned continuous embedding of its architecture.
+"""Architecture Compression (Ashok, "Architecture Compression", arXiv:1902.03326, 2019):
+compress a network by gradient descent in a learned continuous embedding of its architecture.
 
 - :mod:`tokens`: ``o(A)`` (:func:`to_tokens`) and ``o⁻¹`` (:func:`build`, :func:`plan`) between
   feed-forward CNNs and ``[t, k, o, s, p]`` token sequences.
@@ -7,7 +7,7 @@ learned continuous embedding of its architecture.
 - :mod:`generate`: training them (several seeds) into a dataset, resumably and in parallel.
 - :mod:`compressor`: the encoder/decoder/regressor LightningModule; :mod:`data` its datamodule.
 - :mod:`compress`: gradient steps on the embedding, decode, rebuild.
-- ``python -m lightning_prune.archcomp``: the Hydra entry point (configs ``conf/archcomp.yaml``).
+- ``python -m lightning_prune.archcomp``: the Hydra entry point (configs ``conf/archcomp/archcomp.yaml``).
 """
 
 from lightning_prune.archcomp.compress import CompressionResult, CompressionStep, compress

@@ -1,4 +1,5 @@
-"""``python -m lightning_prune.archcomp``: Architecture Compression (papers/003) with Hydra.
+"""``python -m lightning_prune.archcomp``: Architecture Compression (Ashok, "Architecture
+Compression", arXiv:1902.03326, 2019) with Hydra.
 
     python -m lightning_prune.archcomp experiment=archcomp_mnist_cpu                  # all stages
     python -m lightning_prune.archcomp -m experiment=archcomp_mnist_cpu stage=generate generate.index='range(0,200)'
@@ -18,7 +19,7 @@ from lightning_prune.archcomp.pipeline import run
 from lightning_prune.configs import config_dir
 
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="archcomp")
+@hydra.main(version_base="1.3", config_path=str(config_dir("archcomp")), config_name="archcomp")
 def main(cfg: DictConfig) -> Any:
     run(cfg)
 

@@ -1,4 +1,5 @@
-"""Architecture compression by gradient descent in the learned embedding (papers/003 §4.4, Algorithm 1).
+"""Architecture compression by gradient descent in the learned embedding (Ashok, "Architecture
+Compression", arXiv:1902.03326, 2019, Sec. 4.4, Algorithm 1).
 
 Encode the network's tokens to ``y``; take ``steps`` gradient steps on ``y`` for
 
@@ -8,7 +9,7 @@ Encode the network's tokens to ``y``; take ``steps`` gradient steps on ``y`` for
 set's mean, or given as a parameter count); decode ``y``, round, repair and rebuild the network
 (:func:`tokens.plan` with ``repair=True``).
 
-papers/003 §5.3 notes that the regressors are accurate for the first ~5 steps and drift
+Ashok 2019 (Sec. 5.3) notes that the regressors are accurate for the first ~5 steps and drift
 afterwards, and that a few supervised fine-tuning steps at a small learning rate help. With
 ``refit_steps > 0`` the two regressors (not the encoder/decoder, so that ``y`` keeps its
 meaning) are re-fitted every ``refit_every`` steps on batches of the training architectures
@@ -33,7 +34,15 @@ from lightning_prune._checks import check_int
 from lightning_prune.archcomp.compressor import ArchitectureCompressor
 from lightning_prune.archcomp.data import make_sample
 from lightning_prune.archcomp.tokens import InvalidArchitecture, Plan, Token, build, plan
-from lightning_prune.cost import count_cost
+from lightning_prune.core.cost import count_cost
+
+
+def architecture(tokens: Sequence[Sequence[int]], input_shape: Sequence[int]) -> dict:
+    """The ``architecture`` under which ``lightning_prune.save_pruned`` saves the network of
+    ``tokens`` (plain data; ``lightning_prune.load_pruned`` rebuilds it with
+    :func:`lightning_prune.archcomp.models.build`)."""
+    return {"_target_": "lightning_prune.archcomp.models.build", "tokens": [[int(v) for v in t] for t in tokens],
+            "input_shape": [int(v) for v in input_shape]}
 
 
 @dataclass(frozen=True)

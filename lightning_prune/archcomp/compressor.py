@@ -1,4 +1,5 @@
-"""The architecture compressor of papers/003 §4: 1-D CNN encoder/decoder and two regressors.
+"""The architecture compressor of Ashok, "Architecture Compression", arXiv:1902.03326, 2019,
+Sec. 4: 1-D CNN encoder/decoder and two regressors.
 
 A token sequence ``x`` (T x 5, see :mod:`lightning_prune.archcomp.tokens`) is zero-padded to
 ``max_len`` positions (the zero token means "no layer") with a mask of the real positions.
@@ -28,7 +29,7 @@ held-out sequence decoded with all its layer types right, against all of them wi
 
 Loss (Eq. 15): ``L = L_d + lambda_acc * L_a + lambda_params * L_p`` with L_d the MSE over all
 ``max_len x 5`` features (padding included), L_a the L1 error of the accuracy and L_p the
-Huber loss (delta 1) of ``z``. The default optimiser is papers/003 §5.2.2: SGD with Nesterov
+Huber loss (delta 1) of ``z``. The default optimiser is Ashok 2019, Sec. 5.2.2: SGD with Nesterov
 momentum 0.5, learning rate 0.003, multiplied by 1/5 every 30 epochs.
 """
 
@@ -45,6 +46,7 @@ from torch import Tensor, nn
 from torchmetrics.regression import SpearmanCorrCoef
 
 from lightning_prune._checks import check_int
+from lightning_prune.classifier import optimizers_from_factories
 from lightning_prune.archcomp.tokens import NUM_FIELDS, pad_sequences
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -119,7 +121,7 @@ class Decoder1d(nn.Module):
 
 
 def regressor(in_features: int, hidden: int, output: nn.Module, dropout: float = 0.0) -> nn.Sequential:
-    """3 fc-ReLU blocks, then an fc to one output followed by ``output`` (papers/003 §4.2)."""
+    """3 fc-ReLU blocks, then an fc to one output followed by ``output`` (Ashok 2019, Sec. 4.2)."""
     layers: list[nn.Module] = []
     width = in_features
     for _ in range(3):
@@ -132,7 +134,7 @@ def regressor(in_features: int, hidden: int, output: nn.Module, dropout: float =
 
 
 class ArchitectureCompressor(L.LightningModule):
-    """Encoder, decoder, accuracy and parameter regressors, trained jointly (papers/003 Eq. 15).
+    """Encoder, decoder, accuracy and parameter regressors, trained jointly (Ashok 2019, eq. 15).
 
     Args:
         max_len: padded sequence length (a multiple of ``2**depth``); longer sequences are refused.
@@ -144,7 +146,7 @@ class ArchitectureCompressor(L.LightningModule):
         hidden: width of the regressors' fc layers; ``regressor_dropout`` after each.
         lambda_acc, lambda_params: ``l1`` and ``l2`` of Eq. 15.
         huber_delta: delta of the parameter loss (1 in the paper).
-        optimizer, scheduler: factories (Hydra ``_partial_: true``); default papers/003 §5.2.2.
+        optimizer, scheduler: factories (Hydra ``_partial_: true``); default Ashok 2019, Sec. 5.2.2.
     """
 
     def __init__(
@@ -316,9 +318,5 @@ class ArchitectureCompressor(L.LightningModule):
         }
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
+        return optimizers_from_factories(self.parameters(), self.optimizer_factory, self.scheduler_factory, self.scheduler_interval)
 

@@ -1,8 +1,8 @@
 """The compressor's training set: sampled architectures, each trained briefly with several seeds.
 
-papers/003 §3.2 and §5: the expected accuracy ``E[a | A, D]`` of an architecture is estimated by
-training it with ``m`` random initialisations and averaging (Eq. 4); the paper uses 1500
-architectures, 5 epochs, m = 5.
+Ashok, "Architecture Compression", arXiv:1902.03326, 2019, Sec. 3.2 and Sec. 5: the expected
+accuracy ``E[a | A, D]`` of an architecture is estimated by training it with ``m`` random
+initialisations and averaging (eq. 4); the paper uses 1500 architectures, 5 epochs, m = 5.
 
 One result file per architecture (``arch_00042.json``) is written atomically into a results
 folder, so that any number of processes (Hydra multirun jobs with any launcher) can fill the

@@ -1,10 +1,13 @@
-"""The Hydra task of ``python -m lightning_prune.archcomp``: the four stages of papers/003.
+"""The Hydra task of ``python -m lightning_prune.archcomp``: the four stages of Architecture
+Compression (Ashok, "Architecture Compression", arXiv:1902.03326, 2019).
 
 ``stage=generate`` trains sampled architectures (one result file each, resumable, parallel
 through ``-m generate.index='range(0,N)'`` or ``-m generate.chunk='range(0,K)' generate.chunks=K``
 with any Hydra launcher); ``stage=collect`` writes the dataset file; ``stage=fit`` trains the
 compressor; ``stage=compress`` compresses the reference network (CONV-k) and trains the original
-and the compressed network with the same recipe, reporting the papers/003 Table 1 columns.
+and the compressed network with the same recipe, reporting the Ashok 2019 Table 1 columns; the
+trained compressed network (the seed with the best accuracy) is saved to ``cfg.compressed_file``
+with :func:`lightning_prune.save_pruned` (``lightning_prune.load_pruned`` rebuilds it from its tokens).
 ``stage=all`` runs the four in turn. All files of one pipeline live under ``cfg.dir``.
 """
 
@@ -23,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lightning_prune.archcomp.compress import compress
+from lightning_prune.archcomp.compress import architecture, compress
 from lightning_prune.archcomp.compressor import ArchitectureCompressor
 from lightning_prune.archcomp.data import ArchitectureDataModule
 from lightning_prune.archcomp.generate import (
@@ -36,7 +39,8 @@ from lightning_prune.archcomp.generate import (
 )
 from lightning_prune.archcomp.sampler import ArchitectureSampler
 from lightning_prune.archcomp.tokens import build, describe, to_tokens
-from lightning_prune.cost import count_cost
+from lightning_prune.core.cost import count_cost
+from lightning_prune.core.export import save_pruned
 
 log = logging.getLogger("lightning_prune.archcomp")
 STAGES = ("generate", "collect", "fit", "compress", "all")
@@ -221,8 +225,17 @@ def run_compress(cfg: DictConfig) -> dict[str, Any]:
     orig_accs, orig_params = trained_original or measure(original)
     log.info(f"compress: original {len(tokens)} layers, {orig_params:,} params, accuracy {orig_accs}")
     log.info(f"compress: chosen step {result.step}; compressed architecture:\n{describe(result.tokens)}")
-    comp_accs, comp_params = measure(lambda: build(result.tokens, shape))
+    trained: list[nn.Module] = []  # train_accuracy builds one network per seed, in order
+
+    def compressed() -> nn.Module:
+        trained.append(build(result.tokens, shape))
+        return trained[-1]
+
+    comp_accs, comp_params = measure(compressed)
     orig_acc, comp_acc = sum(orig_accs) / len(orig_accs), sum(comp_accs) / len(comp_accs)
+    best = max(range(len(comp_accs)), key=comp_accs.__getitem__)
+    Path(cfg.compressed_file).parent.mkdir(parents=True, exist_ok=True)
+    save_pruned(trained[best].cpu(), cfg.compressed_file, architecture=architecture(result.tokens, shape))
     report = {
         "network": OmegaConf.to_container(network_cfg, resolve=True),
         "data": datamodule.name if hasattr(datamodule, "name") else type(datamodule).__name__,
@@ -237,6 +250,8 @@ def run_compress(cfg: DictConfig) -> dict[str, Any]:
             "predicted_accuracy": result.predicted_accuracy,
             "predicted_params": result.predicted_params,
             "repairs": list(result.repairs),
+            "file": str(cfg.compressed_file),
+            "file_seed": seeds[best],
         },
         "step0_reconstructs_original": result.trajectory[0].tokens == tuple(tokens),
         "trajectory": [
@@ -258,11 +273,12 @@ def run_compress(cfg: DictConfig) -> dict[str, Any]:
     }
     write_json(Path(cfg.report_file), report)
     log.info(
-        "\n=== Architecture compression (papers/003 Table 1 columns) ===\n"
+        "\n=== Architecture compression (Ashok 2019, Table 1 columns) ===\n"
         f"model       acc.     #params   delta acc.   compr.\n"
         f"original    {100 * orig_acc:6.2f}%  {orig_params:>9,}\n"
         f"compressed  {100 * comp_acc:6.2f}%  {comp_params:>9,}   {100 * (comp_acc - orig_acc):+6.2f}%    {orig_params / comp_params:6.2f}x\n"
-        f"report: {cfg.report_file}"
+        f"report: {cfg.report_file}\n"
+        f"compressed network (seed {seeds[best]}): {cfg.compressed_file}  (lightning_prune.load_pruned)"
     )
     return report
 

@@ -1,4 +1,5 @@
-"""Random architectures for the compressor's training set (papers/003 Appendix 9).
+"""Random architectures for the compressor's training set (Ashok, "Architecture Compression",
+arXiv:1902.03326, 2019, appendix Sec. 9).
 
 Length ``l ~ U(length)``; ``l - 1`` layers with type ``t ~ U(1, 8)`` and hyperparameters drawn
 uniformly from the configured ranges; the last layer is ``Linear(num_classes)``. Fields a
@@ -39,7 +40,7 @@ from lightning_prune.archcomp.tokens import (
     check_input_shape,
     plan,
 )
-from lightning_prune.cost import count_cost
+from lightning_prune.core.cost import count_cost
 
 Range = tuple[int, int]
 

@@ -1,4 +1,5 @@
-"""Architectures as sequences of layer tokens ``[t, k, o, s, p]`` (papers/003 §3.1, §4, Appendix 9).
+"""Architectures as sequences of layer tokens ``[t, k, o, s, p]`` (Ashok, "Architecture
+Compression", arXiv:1902.03326, 2019, Sec. 3.1, Sec. 4 and appendix Sec. 9).
 
 ``to_tokens`` is the paper's ``o(A)``: a feed-forward network (a chain of layers, no skip
 connections) to its topologically ordered token sequence. ``build`` is ``o⁻¹``: tokens back to
@@ -22,7 +23,7 @@ t     layer        k       o                            s       p
 ====  ===========  ======  ===========================  ======  =================================
 
 Conventions the five fields cannot express, fixed here so that ``build(to_tokens(A))`` has the
-same layers and parameter count as ``A`` for the networks of papers/003 (CONV-k, VGG):
+same layers and parameter count as ``A`` for the networks of Ashok 2019 (CONV-k, VGG):
 
 - a Conv2d directly followed by a BatchNorm has no bias (the BatchNorm's shift replaces it);
   every other Conv2d and every Linear has one;
@@ -54,7 +55,7 @@ from lightning_prune._checks import check_int
 
 
 class LayerType(enum.IntEnum):
-    """The 8 layer types of papers/003 Appendix 9 (token field ``t``)."""
+    """The 8 layer types of Ashok 2019, appendix Sec. 9 (token field ``t``)."""
 
     CONV = 1
     MAXPOOL = 2

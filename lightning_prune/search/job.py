@@ -1,13 +1,15 @@
 """The AdaNS candidate job: evaluate a compression vector x of a trained model.
 
 :func:`run` is the task function behind ``python -m lightning_prune.search.evaluate`` (config
-``conf/adans.yaml``). With ``search.mode=evaluate`` it returns
+``conf/search/adans.yaml``). With ``search.mode=evaluate`` it returns
 ``{"accuracy": percent on the held-out images, "cost": predicted cost, "base_cost": ...}``,
 which the ``adans`` sweeper turns into the score; ``search.mode=score`` returns the score
 itself (a float, for sweepers that maximise a number, e.g. Optuna; it needs
 ``search.reference_accuracy`` and ``search.threshold``); with ``search.mode=final`` it builds the
 real compressed model, measures its cost, evaluates it (held-out images, test set), optionally
-fine-tunes it and saves it.
+fine-tunes it and saves it to ``<output dir>/compressed.pt`` with :func:`lightning_prune.save_pruned`
+(the model config as its architecture, plus the pruning history and decompositions): load it
+with ``lightning_prune.load_pruned(path)``.
 
 Everything expensive (loading the data, the weights, building the channel graph, ranking
 channels, caching SVD factors) happens once per process and is kept in a module-level cache:
@@ -27,9 +29,10 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_prune.cost import count_cost
+from lightning_prune.core.cost import count_cost
+from lightning_prune.core.export import save_pruned
 from lightning_prune.search.space import SearchSpace
 from lightning_prune.search.spaces import CompressionSpace, sparse_cost, top1
 
@@ -56,6 +59,13 @@ def load_weights(model: nn.Module, path: str | os.PathLike, prefix: str = "net."
 
 def _build_model(model_cfg: DictConfig, num_classes: int) -> nn.Module:
     return instantiate(model_cfg, num_classes=num_classes)
+
+
+def architecture(model_cfg: DictConfig, num_classes: int) -> dict[str, Any]:
+    """The ``architecture`` entry of a saved file (``lightning_prune.save_pruned``) for the
+    ``model`` config: its ``_target_`` and keyword arguments, with ``num_classes``."""
+    kwargs = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if not k.startswith("_")}
+    return {"_target_": model_cfg._target_, **kwargs, "num_classes": num_classes}
 
 
 def search_space(model: DictConfig, data: DictConfig, kind: str = "structured", cost: str = "macs") -> SearchSpace:
@@ -166,26 +176,10 @@ def final(cfg: DictConfig, ev: Evaluator, x: Any, output_dir: Path) -> dict[str,
         if s.final.test:
             out["finetuned_test_accuracy"] = loader_accuracy(model, ev.datamodule.test_dataloader())
     path = output_dir / "compressed.pt"
-    torch.save({"format": "lightning-prune-adans", "kind": ev.space.kind, "cost": ev.space.cost,
-                "x": [float(v) for v in ev.space.search_space.check(x)], "state_dict": model.state_dict()}, path)
+    save_pruned(model.cpu(), path, architecture=architecture(cfg.model, ev.datamodule.num_classes))
     out["path"] = str(path)
     out["seconds"] = time.perf_counter() - started
     return out
-
-
-def load_compressed(path: str | os.PathLike, model: nn.Module, example_input: Tensor) -> nn.Module:
-    """Rebuild a model saved by the final AdaNS job: ``model`` is a fresh instance of the
-    original architecture; the compressed architecture depends only on ``x`` (how many channels,
-    which ranks), so it is rebuilt and the saved weights are loaded into it."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != "lightning-prune-adans":
-        raise ValueError(f"{os.fspath(path)!r} was not written by the final AdaNS job")
-    space = CompressionSpace(model, example_input, payload["kind"], payload["cost"])
-    if space.structured:
-        space.importance = {g: torch.zeros(space.graph.groups[g].size) for g in space.groups}
-    compressed = space.compress(payload["x"])
-    compressed.load_state_dict(payload["state_dict"])
-    return compressed.eval()
 
 
 def _vector(x: Any, d: int) -> list[float]:

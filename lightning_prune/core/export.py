@@ -3,16 +3,28 @@
 Files written by :func:`save_pruned` hold only plain data and tensors, so they load with
 ``torch.load(path, weights_only=True)`` (no pickled modules)::
 
-    {"format": "lightning-prune", "version": 1,
+    {"format": "lightning-prune", "version": 2,
      "architecture": {"_target_": "lightning_prune.models.CifarResNet", "depth": 20, ...} or None,
-     "history": the pruning history (see lightning_prune.surgery.pruning_history) or None,
-     "state_dict": the shrunk network's state dict}
+     "history": the pruning history (see lightning_prune.core.surgery.pruning_history) or None,
+     "decompositions": [{"kind": "svd", "layer": "classifier.1", "ranks": [50], "after_steps": 1},
+                        {"kind": "tucker2", "layer": "features.2", "ranks": [10, 12], "after_steps": 1}, ...],
+     "state_dict": the compressed network's state dict}
 
 ``architecture`` is a Hydra-style description (``_target_`` plus keyword arguments, e.g. the
-``model`` section of a config with ``num_classes`` added). :func:`load_pruned` rebuilds it
-only for targets inside ``lightning_prune.models`` and ``torchvision.models`` (building an
-arbitrary callable named in a file would defeat the point of ``weights_only``); for any
-other architecture pass ``model=`` a fresh instance. Loading never downloads anything: an
+``model`` section of a config with ``num_classes`` added) of the network *before* any
+structural step; an Architecture Compression network is
+``{"_target_": "lightning_prune.archcomp.models.build", "tokens": [[t, k, o, s, p], ...],
+"input_shape": [C, H, W]}``. The structural steps are plain data and replay onto a fresh
+instance in their order: channel pruning (the ``steps`` of ``history``, see
+:func:`lightning_prune.core.surgery.replay`) and low-rank decompositions of single layers
+(``"svd"``: rank ``[r]``, ``"tucker2"``: ranks ``[r_in, r_out]``, each applied after
+``after_steps`` pruning steps; see :mod:`lightning_prune.core.decomposition`). Then the weights
+are loaded. Version 1 files (no ``decompositions``) are read too.
+
+:func:`load_pruned` rebuilds ``architecture`` only for targets inside ``ALLOWED_TARGETS``
+(``lightning_prune.models``, ``lightning_prune.archcomp.models`` and ``torchvision.models``:
+building an arbitrary callable named in a file would defeat the point of ``weights_only``); for
+any other architecture pass ``model=`` a fresh instance. Loading never downloads anything: an
 architecture asking for pretrained weights (``weights``, ``weights_backbone``, ``pretrained``,
 ``pretrained_backbone`` other than None / False) is refused, and torchvision builders are
 called with every such argument set to None (e.g. the ImageNet backbone that detection and
@@ -33,21 +45,23 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.cost import count_cost
+from lightning_prune.core.cost import count_cost
+from lightning_prune.core.decomposition import KINDS as DECOMPOSITION_KINDS
+from lightning_prune.core.decomposition import decompositions, replay_decomposition
 
-from lightning_prune.gating import GateSet, attached_gates
-from lightning_prune.folding import shrink_as_masked
-from lightning_prune.surgery import enable_pruned_loading, pruned_loading_enabled, pruning_history, replay
+from lightning_prune.core.gating import GateSet, attached_gates
+from lightning_prune.core.folding import shrink_as_masked
+from lightning_prune.core.surgery import enable_pruned_loading, pruned_loading_enabled, pruning_history, replay
 
 __all__ = ["export", "save_pruned", "load_pruned", "load_checkpoint", "ALLOWED_TARGETS"]
 
 FORMAT = "lightning-prune"
-VERSION = 1
-ALLOWED_TARGETS = ("lightning_prune.models.", "torchvision.models.")
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no "decompositions"
+ALLOWED_TARGETS = ("lightning_prune.models.", "lightning_prune.archcomp.models.", "torchvision.models.")
 # Constructor arguments that make a builder load pretrained weights (a download for torchvision);
 # a file may only set them to None or False.
 PRETRAINED_KEYS = ("weights", "weights_backbone", "pretrained", "pretrained_backbone")
@@ -90,10 +104,11 @@ def export(module: nn.Module, *, allow_over_budget: bool = False) -> nn.Module:
     - If gates are attached (to ``module`` or to a network inside it, e.g. a LightningModule's
       ``net``), the gated network is copied and shrunk to the channels the gates keep
       (``GateSet.alive()``); ``module`` itself is not changed.
-    - Otherwise the already shrunk network is copied: the submodule holding a pruning
-      history, or ``module`` itself when it is a plain ``nn.Module``.
+    - Otherwise the already shrunk network is copied: when ``module`` holds no pruning history
+      of its own but exactly one of its submodules does (e.g. a LightningModule whose ``net``
+      was shrunk), that submodule; in every other case ``module`` itself.
 
-    The copy carries its pruning history (``lightning_prune.surgery.pruning_history``).
+    The copy carries its pruning history (``lightning_prune.core.surgery.pruning_history``).
 
     Args:
         allow_over_budget: export even if the network costs more than the budget a pruning
@@ -120,16 +135,7 @@ def export(module: nn.Module, *, allow_over_budget: bool = False) -> nn.Module:
 
 
 def _plain_copy(module: nn.Module) -> nn.Module:
-    """The network inside ``module`` as a plain, shrunk copy (see :func:`export`).
-
-    - If gates are attached (to ``module`` or to a network inside it, e.g. a LightningModule's
-      ``net``), the gated network is copied and shrunk to the channels the gates keep
-      (``GateSet.alive()``); ``module`` itself is not changed.
-    - Otherwise the already shrunk network is copied: the submodule holding a pruning
-      history, or ``module`` itself when it is a plain ``nn.Module``.
-
-    The copy carries its pruning history (``lightning_prune.surgery.pruning_history``).
-    """
+    """The network inside ``module`` as a plain, shrunk copy, as :func:`export` describes."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     gate_sets = _gate_sets(module)
@@ -144,18 +150,13 @@ def _plain_copy(module: nn.Module) -> nn.Module:
         _strip_gate_sets(out)
         shrink_as_masked(out, masks, graph=graph)  # folds what masking keeps, checks masked == shrunk
         return out
-    if pruning_history(module) is not None or not isinstance(module, pl.LightningModule):
-        out = copy.deepcopy(module)
-        _strip_gate_sets(out)
-        return out
+    # Which network, without knowing about Lightning: a module that was not shrunk itself but
+    # holds exactly one shrunk submodule (a training wrapper's network) exports that submodule.
     holders = [name for name, m in module.named_modules() if pruning_history(m) is not None]
-    if len(holders) != 1:
-        raise ValueError(
-            f"{type(module).__name__} has no attached gates and "
-            + ("no shrunk network" if not holders else f"{len(holders)} shrunk networks ({', '.join(holders)})")
-            + "; pass the network to export itself"
-        )
-    out = copy.deepcopy(module.get_submodule(holders[0]))
+    if pruning_history(module) is None and len(holders) == 1:
+        out = copy.deepcopy(module.get_submodule(holders[0]))
+    else:
+        out = copy.deepcopy(module)
     _strip_gate_sets(out)
     return out
 
@@ -185,11 +186,13 @@ def _plain(value: Any) -> Any:
 
 
 def save_pruned(module: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str, Any] | None = None) -> None:
-    """Export ``module`` (see :func:`export`) and save it to ``path`` in a ``weights_only`` file.
+    """Export ``module`` (see :func:`export`) and save it to ``path`` in a ``weights_only`` file
+    (layout: the module docstring). The structural steps recorded on the network (its pruning
+    history, its decompositions) are saved with it.
 
     Args:
         architecture: ``{"_target_": "package.Constructor", **kwargs}`` rebuilding the
-            *unpruned* network, so that :func:`load_pruned` needs no ``model=``.
+            network before any structural step, so that :func:`load_pruned` needs no ``model=``.
     """
     if architecture is not None:
         if not isinstance(architecture, Mapping) or not isinstance(architecture.get("_target_"), str):
@@ -202,6 +205,7 @@ def save_pruned(module: nn.Module, path: str | os.PathLike, *, architecture: Map
         "version": VERSION,
         "architecture": architecture,
         "history": pruning_history(net),
+        "decompositions": copy.deepcopy(decompositions(net) or []),
         "state_dict": net.state_dict(),
     }
     torch.save(payload, path)
@@ -349,8 +353,9 @@ def _check_payload(payload: Any, where: str) -> None:
             f"cannot read {where}: it is not a lightning-prune file (no 'format': {FORMAT!r} entry); write one with "
             "lightning_prune.save_pruned"
         )
-    if payload.get("version") != VERSION:
-        raise ValueError(f"{where}: unsupported lightning-prune file version {payload.get('version')!r} (this is {VERSION})")
+    if payload.get("version") not in READABLE_VERSIONS:
+        raise ValueError(f"{where}: unsupported lightning-prune file version {payload.get('version')!r} (this reads "
+                         f"versions {', '.join(map(str, READABLE_VERSIONS))})")
     state = payload.get("state_dict")
     if not isinstance(state, Mapping):
         raise ValueError(f"{where}: 'state_dict' must be a mapping of names to tensors, got {type(state).__name__}")
@@ -367,25 +372,86 @@ def _check_payload(payload: Any, where: str) -> None:
         not isinstance(architecture, Mapping) or not isinstance(architecture.get("_target_"), str)
     ):
         raise ValueError(f"{where}: 'architecture' must be a mapping with a '_target_' string, or None")
+    _check_decompositions(payload.get("decompositions", []), history, where)
+
+
+def _check_decompositions(steps: Any, history: Mapping[str, Any] | None, where: str) -> None:
+    """The ``decompositions`` entry: a list of plain-data steps in replay order."""
+    if not isinstance(steps, (list, tuple)):
+        raise ValueError(f"{where}: 'decompositions' must be a list of decomposition steps, got {type(steps).__name__}")
+    recorded = history.get("steps") if history is not None else None
+    pruned = len(recorded) if isinstance(recorded, (list, tuple)) else 0
+    previous = 0
+    for i, step in enumerate(steps):
+        at = f"{where}: 'decompositions'[{i}]"
+        if not isinstance(step, Mapping) or set(step) != {"kind", "layer", "ranks", "after_steps"}:
+            raise ValueError(f"{at} must be a mapping with exactly 'kind', 'layer', 'ranks' and 'after_steps', got {step!r}")
+        if step["kind"] not in DECOMPOSITION_KINDS:
+            raise ValueError(f"{at}: 'kind' must be one of {DECOMPOSITION_KINDS}, got {step['kind']!r}")
+        if not isinstance(step["layer"], str) or not step["layer"]:
+            raise ValueError(f"{at}: 'layer' must be a layer name, got {step['layer']!r}")
+        ranks = step["ranks"]
+        if (not isinstance(ranks, (list, tuple)) or len(ranks) != DECOMPOSITION_KINDS.index(step["kind"]) + 1
+                or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks)):
+            raise ValueError(f"{at}: 'ranks' of {step['kind']} must be {DECOMPOSITION_KINDS.index(step['kind']) + 1} "
+                             f"positive int(s), got {ranks!r}")
+        after = step["after_steps"]
+        if not isinstance(after, int) or isinstance(after, bool) or not previous <= after <= pruned:
+            raise ValueError(f"{at}: 'after_steps' must be an int from {previous} (the previous step's) to {pruned} "
+                             f"(the pruning history's steps), got {after!r}")
+        previous = after
+
+
+def _rebuild(model: nn.Module, payload: Mapping[str, Any], where: str) -> None:
+    """Replay the structural steps of ``payload`` onto the fresh ``model``, in their order."""
+    history = payload.get("history")
+    steps = list(history.get("steps") or []) if history is not None else []
+    replayed_all = False
+
+    def prune(count: int) -> None:
+        nonlocal replayed_all
+        # Biases that folding created belong to the network as exported, after all its pruning steps.
+        part = history if count == len(steps) else {k: v for k, v in history.items() if k != "created_biases"} | {
+            "steps": steps[:count]}
+        try:
+            replay(model, part)
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
+            raise ValueError(f"{where}: its pruning history does not apply to {type(model).__name__}: {error}") from error
+        replayed_all = count == len(steps)
+
+    done = 0
+    for i, step in enumerate(payload.get("decompositions") or []):
+        if history is not None and step["after_steps"] > done:
+            prune(step["after_steps"])
+            done = step["after_steps"]
+        try:
+            replay_decomposition(model, step, where=f"{where}: decomposition {i} ({step['kind']} of {step['layer']!r})")
+        except (TypeError, RuntimeError, AttributeError) as error:
+            raise ValueError(f"{where}: decomposition {i} does not apply to {type(model).__name__}: {error}") from error
+    if history is not None and not replayed_all:
+        prune(len(steps))
 
 
 def load_pruned(
     path: str | os.PathLike, *, model: nn.Module | None = None, map_location: str | torch.device = "cpu"
 ) -> nn.Module:
-    """Load a file written by :func:`save_pruned` (with ``torch.load(weights_only=True)``).
+    """Load a file written by :func:`save_pruned` (with ``torch.load(weights_only=True)``): the
+    network is built, its structural steps (channel pruning, decompositions) are replayed and
+    the saved weights are loaded.
 
     Args:
         model: a fresh, unpruned instance of the architecture; built from the recorded
             ``architecture`` when ``None`` (never with pretrained weights, never downloading).
 
     Returns:
-        The shrunk network with the saved weights, in eval mode.
+        The compressed network with the saved weights, in eval mode.
 
     Raises:
         FileNotFoundError: no file at ``path``.
         ValueError: naming the file, when it is not a readable lightning-prune file, when its
             content does not have the documented layout, when its architecture is not allowed
-            or asks for pretrained weights, or when its history / weights do not fit the model.
+            or asks for pretrained weights, or when its history, decompositions or weights do not
+            fit the model.
     """
     where = os.fspath(path)
     payload = read_torch_file(path, "a lightning-prune file", prefix="load_pruned: ", map_location=map_location)
@@ -396,11 +462,7 @@ def load_pruned(
         model = _build(payload["architecture"], where)
     elif not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
-    if payload.get("history") is not None:
-        try:
-            replay(model, payload["history"])
-        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
-            raise ValueError(f"{where}: its pruning history does not apply to {type(model).__name__}: {error}") from error
+    _rebuild(model, payload, where)
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as error:
