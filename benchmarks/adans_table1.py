@@ -1,4 +1,6 @@
-"""papers/002 Table I analogue: the AdaNS samplers on one structured-pruning task.
+"""An analogue of Table I of Javaheripi, Samragh, Javidi and Koushanfar, "AdaNS: Adaptive Non-Uniform Sampling for
+Automated Design of Compact DNNs" (IEEE JSTSP 2020, doi:10.1109/JSTSP.2020.2992384):
+the AdaNS samplers on one structured-pruning task.
 
 Structured pruning (MACs) of a trained ResNet-20 on CIFAR-10: Uniform (naive, the whole cube,
 no boundary characterisation), Zoom, Genetic and Gaussian (boundary characterisation, then
@@ -46,7 +48,7 @@ def compose_cfg(args: argparse.Namespace) -> object:
         f"search.cost={args.cost}", f"search.eval_size={args.eval_size}", f"search.rank_size={args.rank_size}",
         "data.num_workers=0", f"data.data_dir={os.environ.get('LP_DATA_DIR', './data')}",
     ]
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir("search")), version_base="1.3"):
         return compose("adans", overrides=overrides)
 
 

@@ -97,7 +97,7 @@ def main() -> None:
     from lightning_prune.configs import config_dir
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir("search")), version_base="1.3"):
         cfg = compose("adans", overrides=[
             f"data={t1['data']}", f"model={t1['model']}", "data.num_workers=0", f"search.checkpoint={t1['checkpoint']}",
             f"search.cost={t1['cost']}", f"search.eval_size={t1['eval_size']}", f"search.rank_size={t1['rank_size']}",

@@ -3,7 +3,8 @@
 Reads the files one pipeline wrote under its ``dir`` (dataset.json, compressor_metrics.json,
 compression.json) and prints the numbers recorded in benchmarks/RESULTS.md: the dataset, the
 regressors' error on the held-out architectures next to the trivial baseline (predicting the
-training split's median accuracy), and the papers/003 Table 1 columns for the compressed network.
+training split's median accuracy), and the columns of Table 1 of Ashok, "Architecture Compression"
+(arXiv:1902.03326, 2019) for the compressed network.
 
     python benchmarks/archcomp_report.py logs/archcomp/archcomp_mnist_cpu
 """
@@ -55,7 +56,7 @@ def main() -> None:
     if report_file.is_file():
         rep = json.loads(report_file.read_text())
         o, c = rep["original"], rep["compressed"]
-        print("\n## compression (papers/003 Table 1 columns)")
+        print("\n## compression (Ashok 2019, Table 1 columns)")
         print("| model | acc. | #params | delta acc. | compr. |")
         print("|---|---|---|---|---|")
         print(f"| original | {100 * o['accuracy']:.2f}% | {o['params']:,} | | |")

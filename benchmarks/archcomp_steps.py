@@ -1,4 +1,5 @@
-"""Where gradient steps on the embedding lead, without training anything (papers/003 §4.4).
+"""Where gradient steps on the embedding lead, without training anything (Ashok, "Architecture
+Compression", arXiv:1902.03326, 2019, Sec. 4.4).
 
 For a trained compressor checkpoint and a CONV-k network, runs :func:`compress` for a grid of
 step sizes, numbers of steps and parameter weights ``lam`` and prints, per setting, the

@@ -1,5 +1,8 @@
-"""BAR on ResNet-20 / CIFAR-10 against the width-multiplier and random-pruning baselines
-(papers/001 §3.2, Table 1), at volume factors 2, 4, 8, 16, every run with the same epochs.
+"""BAR on ResNet-20 / CIFAR-10 against the width-multiplier and random-pruning baselines of
+Lemaire, Achkar and Jodoin, "Structured Pruning of Neural Networks with Budget-Aware
+Regularization" (CVPR 2019, arXiv:1811.09332; the baselines' scheme is in its supplementary
+material, Sec. 3.2, the comparison in Table 1), at volume factors 2, 4, 8, 16, every run with the
+same epochs.
 
 Every run is the user command ``python -m lightning_prune.train experiment=bar_resnet20_cifar10
 ...`` (a 10,000-image training subset, 17 epochs: 10 with gates / dense, hard pruning at epoch
@@ -43,11 +46,11 @@ from pathlib import Path
 import torch
 
 from lightning_prune import count_cost, load_pruned
-from lightning_prune.cost.measure import output_widths
+from lightning_prune.core.cost.measure import output_widths
 from lightning_prune.models import CifarResNet
 
 # method -> overrides on top of the common ones ("width" adds its width multiplier)
-METHODS = {
+VARIANTS = {
     "bar": [],
     "bar_gate_lr_0.005": ["pruning.bar.gate_lr=0.005"],
     "random": ["pruning=random", "pruning.prune_epoch=10"],
@@ -56,7 +59,7 @@ METHODS = {
     "bar_from_trained": ["init_from={init_from}", "pruning.bar.distillation=true"],
     "random_from_trained": ["init_from={init_from}", "pruning=random", "pruning.prune_epoch=10"],
 }
-DEFAULT_METHODS = ("bar", "bar_gate_lr_0.005", "random", "width")
+DEFAULT_VARIANTS = ("bar", "bar_gate_lr_0.005", "random", "width")
 FACTORS = (2, 4, 8, 16)
 EXAMPLE = torch.zeros(1, 3, 32, 32)
 
@@ -80,7 +83,7 @@ def width_for(factor: int) -> float:
 def overrides(method: str, factor: int, run_dir: Path, init_from: str | None = None, width: float | None = None) -> list[str]:
     common = ["experiment=bar_resnet20_cifar10", f"budget.factor={factor}", "data.num_workers=0",
               "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"]
-    extra = [o.format(init_from=init_from) for o in METHODS[method]]
+    extra = [o.format(init_from=init_from) for o in VARIANTS[method]]
     if width is not None:
         extra.append(f"model.width={width}")
     return common + extra
@@ -130,7 +133,7 @@ def table(out: Path) -> str:
     if not results:
         raise FileNotFoundError(f"no */result.json under {out}")
     full = next(iter(results.values()))["full_volume"]
-    methods = [m for m in METHODS if any(k[0] == m for k in results)]
+    methods = [m for m in VARIANTS if any(k[0] == m for k in results)]
     lines = ["| volume factor | budget (volume) | " + " | ".join(f"{m}: test acc % (volume, MACs)" for m in methods) + " |",
              "|---:|---:|" + "---|" * len(methods)]
     for factor in FACTORS:
@@ -146,7 +149,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("run", "table"))
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    parser.add_argument("--methods", default=",".join(DEFAULT_VARIANTS))
     parser.add_argument("--init-from", default=None, help="trained ResNet-20 checkpoint for the *_from_trained methods")
     parser.add_argument("--factors", default=",".join(map(str, FACTORS)))
     parser.add_argument("--threads", type=int, default=1)
@@ -155,8 +158,8 @@ def main() -> None:
         print(table(args.out))
         return
     methods = [m for m in args.methods.split(",") if m]
-    if unknown := set(methods) - set(METHODS):
-        raise ValueError(f"--methods: unknown {sorted(unknown)}; choose from {METHODS}")
+    if unknown := set(methods) - set(VARIANTS):
+        raise ValueError(f"--methods: unknown {sorted(unknown)}; choose from {VARIANTS}")
     if any(m.endswith("_from_trained") for m in methods) and not args.init_from:
         raise ValueError("--init-from: the *_from_trained methods need a trained ResNet-20 checkpoint")
     factors = [int(f) for f in args.factors.split(",")]

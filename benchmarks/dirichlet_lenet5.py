@@ -1,4 +1,6 @@
-"""Dirichlet pruning of LeNet-5 on MNIST under a MAC budget, next to papers/004 Table 1.
+"""Dirichlet pruning of LeNet-5 on MNIST under a MAC budget, next to Table 1 of the supplementary
+material of Adamczewski and Park, "Dirichlet Pruning for Neural Network Compression" (AISTATS 2021,
+arXiv:2011.05985).
 
 Four steps, each a subcommand (results go to ``--out``, one JSON file per step):
 
@@ -42,13 +44,13 @@ from torch.utils.data import DataLoader, Subset
 import lightning_prune
 from lightning_prune.callbacks import DirichletImportance, HardPruning
 from lightning_prune.classifier import ImageClassifier
-from lightning_prune.cost.measure import output_widths
+from lightning_prune.core.cost.measure import output_widths
 from lightning_prune.data import MNISTDataModule
 from lightning_prune.models import LeNet5
 
 FULL_MACS = 2_293_000
 VARIANTS: dict[str, dict[str, Any]] = {
-    # papers/004 Table 1 rows "Dirichlet (mean)" and "Dirichlet (150)" are layer by layer;
+    # Adamczewski and Park 2021, suppl. Table 1: rows "Dirichlet (mean)" and "Dirichlet (150)" are layer by layer;
     # "Dirichlet (joint)" learns all switches at once.
     "mean": dict(estimator="mean", layerwise=True),
     "gamma150": dict(estimator="gamma", samples=150, layerwise=True),
@@ -56,11 +58,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "joint_gamma150": dict(estimator="gamma", samples=150, layerwise=False),
     # ablation: the plain score K * E[s] per unit of cost instead of the kept share (allocation="share")
     "joint_score": dict(estimator="mean", layerwise=False, allocation="score"),
-    # the widths of papers/004's "Dirichlet (mean)" row that exist here (5-8-45-15: 45 is a
+    # the widths of Adamczewski and Park 2021's "Dirichlet (mean)" row that exist here (5-8-45-15: 45 is a
     # count of fc1 *inputs*, pruned weight-wise; channel pruning keeps conv2 x 16 = 128 of them)
     "mean_paper_widths": dict(estimator="mean", layerwise=True, widths=[5, 8, 15]),
 }
-PAPER = {  # papers/004 Table 1: architecture (conv1-conv2-fc1 inputs-fc1 outputs), error %, FLOPs, params
+PAPER = {  # Adamczewski and Park 2021, suppl. Table 1: architecture (conv1-conv2-fc1 inputs-fc1 outputs), error %, FLOPs, params
     "mean": ("5-8-45-15", 1.1, "140K", "5.5K"),
     "gamma150": ("6-8-40-20", 1.1, "168K", "6K"),
     "joint": ("6-7-35-17", 1.1, "158K", "5.5K"),
@@ -184,7 +186,7 @@ def time_estimators(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(args: argparse.Namespace) -> str:
-    rows = ["| run | widths (conv1-conv2-fc1) | error % | MACs | params | papers/004 Table 1 (arch, error %, FLOPs, params) |",
+    rows = ["| run | widths (conv1-conv2-fc1) | error % | MACs | params | Adamczewski and Park 2021, suppl. Table 1 (arch, error %, FLOPs, params) |",
             "|---|---|---:|---:|---:|---|"]
     for name in VARIANTS:
         path = args.out / f"prune_{name}.json"

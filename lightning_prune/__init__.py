@@ -1,20 +1,26 @@
 """lightning-prune: make networks physically smaller under an explicit budget, from Lightning callbacks."""
 
-from lightning_prune.cost import CostModel, CostReport, count_cost
-from lightning_prune.export import export, load_checkpoint, load_pruned, save_pruned
-from lightning_prune.folding import shrink_as_masked
-from lightning_prune.gating import GateSet, attach_gates, attached_gates
-from lightning_prune.graph import ChannelGraph, ChannelGroup, build_graph, random_masks
-from lightning_prune.surgery import enable_pruned_loading, pruning_history, replay, shrink
+from lightning_prune.core.budget import Budget, SigmoidalTransition
+from lightning_prune.core.cost import CostModel, CostReport, count_cost
+from lightning_prune.core.export import export, load_checkpoint, load_pruned, save_pruned
+from lightning_prune.core.folding import shrink_as_masked
+from lightning_prune.core.gating import GateSet, attach_gates, attached_gates
+from lightning_prune.core.graph import ChannelGraph, ChannelGroup, random_masks
+from lightning_prune.core.session import PruningSession, session_of
+from lightning_prune.core.surgery import enable_pruned_loading, pruning_history, replay, shrink
+from lightning_prune.core.trace import build_graph
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Budget",
     "ChannelGraph",
     "ChannelGroup",
     "CostModel",
     "CostReport",
     "GateSet",
+    "PruningSession",
+    "SigmoidalTransition",
     "__version__",
     "attach_gates",
     "attached_gates",
@@ -28,6 +34,7 @@ __all__ = [
     "random_masks",
     "replay",
     "save_pruned",
+    "session_of",
     "shrink",
     "shrink_as_masked",
 ]

@@ -15,10 +15,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_prune.surgery import enable_pruned_loading
+from lightning_prune.core.surgery import enable_pruned_loading
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+def optimizers_from_factories(params: Any, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None, interval: str) -> Any:
+    """What ``configure_optimizers`` returns for Hydra ``_partial_`` optimizer / scheduler factories."""
+    opt = optimizer(params=params)
+    if scheduler is None:
+        return opt
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler(optimizer=opt), "interval": interval}}
 
 
 class ImageClassifier(L.LightningModule):
@@ -84,8 +92,4 @@ class ImageClassifier(L.LightningModule):
         self._step(batch, "test", self.test_acc)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
+        return optimizers_from_factories(self.parameters(), self.optimizer_factory, self.scheduler_factory, self.scheduler_interval)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_prune.graph import ChannelGraph, build_graph
+from lightning_prune.core.graph import ChannelGraph
+from lightning_prune.core.trace import build_graph
 from lightning_prune.models import CifarResNet, CifarVGG, LeNet5, WideResNet, torchvision_model
 
 

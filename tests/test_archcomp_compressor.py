@@ -1,4 +1,4 @@
-"""The compressor LightningModule of papers/003 §4: encoder/decoder, regressors, padding and masks."""
+"""The compressor LightningModule of Ashok, Architecture Compression (arXiv:1902.03326), Sec. 4: encoder/decoder, regressors, padding and masks."""
 
 from __future__ import annotations
 
@@ -230,7 +230,7 @@ def test_datamodule_split_statistics_and_lightning_fit(tmp_path: Path) -> None:
     metrics = trainer.callback_metrics
     for key in ("val/loss", "val/acc_mae", "val/params_spearman", "val/token_exact", "val/seq_exact", "val/types_exact"):
         assert torch.isfinite(metrics[key]), key
-    assert isinstance(model.optimizers().optimizer, torch.optim.SGD)  # papers/003 §5.2.2
+    assert isinstance(model.optimizers().optimizer, torch.optim.SGD)  # the paper's Sec. 5.2.2
     assert model.optimizers().optimizer.defaults["nesterov"] and model.optimizers().optimizer.defaults["momentum"] == 0.5
 
 

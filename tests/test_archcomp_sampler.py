@@ -1,4 +1,4 @@
-"""Random architectures of papers/003 Appendix 9."""
+"""Random architectures of Ashok, Architecture Compression (arXiv:1902.03326), Appendix 9."""
 
 from __future__ import annotations
 

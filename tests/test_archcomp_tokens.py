@@ -1,4 +1,4 @@
-"""o(A) and o⁻¹ of papers/003: architectures <-> [t, k, o, s, p] token sequences."""
+"""o(A) and o⁻¹ of Ashok, Architecture Compression (arXiv:1902.03326): architectures <-> [t, k, o, s, p] token sequences."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_conv7_roundtrip_and_paper_size() -> None:
     tokens = to_tokens(net, MNIST)
     assert len(tokens) == 22
     rebuilt = build(tokens, MNIST, num_classes=10)
-    assert rebuilt.plan.params == param_count(tokens, MNIST) == 724_426  # papers/003 reports 708K
+    assert rebuilt.plan.params == param_count(tokens, MNIST) == 724_426  # the paper reports 708K
     assert_same_network(net, rebuilt, MNIST)
 
 

@@ -1,4 +1,4 @@
-"""Tests of lightning_prune.budget: transition schedule, barrier, budget/factor, distillation loss."""
+"""Tests of lightning_prune.core.budget: transition schedule, barrier, budget/factor, distillation loss."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from lightning_prune.budget import (
+from lightning_prune.core.budget import (
     BarrierValue,
     barrier,
     budget_at,
@@ -20,7 +20,7 @@ from lightning_prune.budget import (
 
 
 def _paper_transition(t: float, d: float) -> float:
-    """papers/001 eq. (1), written literally (independent of the implementation's tanh form)."""
+    """Lemaire et al. 2019, supplementary eq. (1), written literally (independent of the implementation's tanh form)."""
     sigmoid = lambda x: 1.0 / (1.0 + math.exp(-x))  # noqa: E731
     delta = sigmoid(-0.5 * d)
     return (sigmoid(d * (t - 0.5)) - delta) / (1.0 - 2.0 * delta)

@@ -1,4 +1,4 @@
-"""Cost model (lightning_prune.cost.model): exact integers against measurement on shrunk models,
+"""Cost model (lightning_prune.core.cost.model): exact integers against measurement on shrunk models,
 expectations against enumeration, per-channel weights against finite differences."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_prune.cost import CostModel, count_cost
-from lightning_prune.gates import HardConcreteGate
-from lightning_prune.graph import build_graph
-from lightning_prune.surgery import shrink
+from lightning_prune.core.cost import CostModel, count_cost
+from lightning_prune.core.gates import HardConcreteGate
+from lightning_prune.core.trace import build_graph
+from lightning_prune.core.surgery import shrink
 from tests.core_zoo import ZOO, one_thread, random_group_masks, zoo  # one_thread: autouse fixture
 
 COSTS = ("volume", "macs", "params")

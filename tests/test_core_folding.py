@@ -1,4 +1,4 @@
-"""Hard pruning keeps the masked network's function (lightning_prune.folding): constants that
+"""Hard pruning keeps the masked network's function (lightning_prune.core.folding): constants that
 removed channels carry through a Sigmoid or ``x + c`` are folded into the next layer's bias,
 what cannot be folded is refused naming the operation, and masked == shrunk is checked."""
 
@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lightning_prune
-from lightning_prune.folding import shrink_as_masked
-from lightning_prune.gates import FixedMask
-from lightning_prune.gating import attach_gates
-from lightning_prune.graph import build_graph
-from lightning_prune.surgery import pruning_history, replay, shrink
+from lightning_prune.core.folding import shrink_as_masked
+from lightning_prune.core.gates import FixedMask
+from lightning_prune.core.gating import attach_gates
+from lightning_prune.core.trace import build_graph
+from lightning_prune.core.surgery import pruning_history, replay, shrink
 from tests.core_zoo import one_thread, random_group_masks, randomize_norms, zoo  # one_thread: autouse fixture
 
 

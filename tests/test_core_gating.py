@@ -1,4 +1,4 @@
-"""Gates on channel groups (lightning_prune.gating): one sample per forward, registration under a
+"""Gates on channel groups (lightning_prune.core.gating): one sample per forward, registration under a
 LightningModule (checkpoints, optimizer, DDP), detaching, clear errors."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from lightning_prune.classifier import ImageClassifier
-from lightning_prune.gates import ChannelGate, DirichletSwitch, FixedMask, HardConcreteGate
-from lightning_prune.gating import GateSet, attach_gates, attached_gates
-from lightning_prune.graph import build_graph
+from lightning_prune.core.gates import ChannelGate, DirichletSwitch, FixedMask, HardConcreteGate
+from lightning_prune.core.gating import GateSet, attach_gates, attached_gates
+from lightning_prune.core.trace import build_graph
 from tests.core_zoo import one_thread, random_group_masks, zoo  # one_thread: autouse fixture
 
 

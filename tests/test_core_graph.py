@@ -1,4 +1,4 @@
-"""Channel groups (lightning_prune.graph): golden structure on the zoo, exclusions, clear errors."""
+"""Channel groups (lightning_prune.core.graph, built by core.trace): golden structure, exclusions, clear errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_prune.graph import build_graph, random_masks
+from lightning_prune.core.graph import random_masks
+from lightning_prune.core.trace import build_graph
 from tests.core_zoo import one_thread, zoo  # one_thread: autouse fixture
 
 

@@ -1,4 +1,4 @@
-"""Surgery (lightning_prune.surgery): masked == shrunk on the zoo, optimizer state sliced with the
+"""Surgery (lightning_prune.core.surgery): masked == shrunk on the zoo, optimizer state sliced with the
 weights, replayable history for checkpoints, clear errors."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from lightning_prune.classifier import ImageClassifier
-from lightning_prune.gates import FixedMask
-from lightning_prune.gating import attach_gates
-from lightning_prune.surgery import enable_pruned_loading, pruning_history, replay, shrink
+from lightning_prune.core.gates import FixedMask
+from lightning_prune.core.gating import attach_gates
+from lightning_prune.core.surgery import enable_pruned_loading, pruning_history, replay, shrink
 from tests.core_zoo import ZOO, one_thread, random_group_masks, zoo  # one_thread: autouse fixture
 
 

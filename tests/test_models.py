@@ -35,7 +35,8 @@ def test_output_shape_and_parameter_count(factory, example, published, rel_tol):
 
 
 def test_lenet5_macs_match_the_paper_baseline():
-    # papers/001 and the issue: LeNet-5 keeps all 2.29M MACs.
+    # Lemaire, Achkar and Jodoin, "Structured Pruning of Neural Networks with Budget-Aware
+    # Regularization" (CVPR 2019, arXiv:1811.09332) and the issue: LeNet-5 keeps all 2.29M MACs.
     assert count_cost(LeNet5(), MNIST_INPUT).macs == 2_293_000
 
 

@@ -35,7 +35,9 @@ from lightning_prune.search import (
 )
 from lightning_prune.search.samplers import split_counts
 
-# --- a 2-D landscape like papers/002 Fig. 10: one global and two local maxima -----------------
+# --- a 2-D landscape like Fig. 10 of Javaheripi, Samragh, Javidi and Koushanfar, "AdaNS: Adaptive
+# Non-Uniform Sampling for Automated Design of Compact DNNs" (IEEE JSTSP 2020, doi:10.1109/JSTSP.2020.2992384):
+# one global and two local maxima ---------------------------------------------------------------
 PEAK = np.array([0.4, 0.3])
 BUMPS = [((0.4, 0.3), 1.0, 0.1), ((0.8, 0.8), 0.7, 0.08), ((0.15, 0.8), 0.6, 0.08)]
 
@@ -181,7 +183,7 @@ def _near_peak(ada: AdaNS, from_iteration: int) -> float:
 
 
 def test_gaussian_concentrates_near_the_global_maximum() -> None:
-    # papers/002 Fig. 10: Gaussian finds the global maximum and concentrates its samples there.
+    # Javaheripi et al. 2020, Fig. 10: Gaussian finds the global maximum and concentrates its samples there.
     near, best = [], []
     for seed in range(4):
         ada = _run("gaussian", seed)

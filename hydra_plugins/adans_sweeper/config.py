@@ -25,7 +25,9 @@ class AdaNSSweeperConf:
     alpha_max: float = 0.95
     # Bisection rounds of boundary characterisation; null skips it.
     boundary_steps: Optional[int] = 6
-    # First AdaNS batch: "boundary" (papers/002 §IV-C) or "uniform".
+    # First AdaNS batch: "boundary" (the boundary characterisation of Sec. IV-C of Javaheripi,
+    # Samragh, Javidi and Koushanfar, "AdaNS: Adaptive Non-Uniform Sampling for Automated Design
+    # of Compact DNNs", IEEE JSTSP 2020, doi:10.1109/JSTSP.2020.2992384) or "uniform".
     init: str = "boundary"
     seed: int = 0
     # Score options (lightning_prune.search.score): drop floor (points) and weight of dC.

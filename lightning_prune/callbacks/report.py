@@ -1,12 +1,13 @@
 """What a pruning run shows the user at the end of fit: a per-layer table and a plot of the
-channels each group keeps (papers/001 Fig. 1)."""
+channels each group keeps (as in Lemaire et al., CVPR 2019, Fig. 1)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
 
-from lightning_prune.cost import CostReport
+from lightning_prune._plotting import pyplot, save_figure
+from lightning_prune.core.cost import CostReport
 
 
 def layer_table(before: CostReport, after: CostReport, widths_before: Mapping[str, int], widths_after: Mapping[str, int]) -> str:
@@ -35,10 +36,7 @@ def layer_table(before: CostReport, after: CostReport, widths_before: Mapping[st
 
 def plot_alive_channels(before: Mapping[str, int], after: Mapping[str, int], path: str | Path, title: str = "") -> Path:
     """Bar chart of channels per group before (light) and after (dark) pruning, saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(before)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names) + 2), 3.5))
@@ -50,9 +48,4 @@ def plot_alive_channels(before: Mapping[str, int], after: Mapping[str, int], pat
     ax.set_ylabel("channels")
     ax.set_title(title or "alive channels per layer")
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

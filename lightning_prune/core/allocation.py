@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_prune.cost.model import CostModel
+from lightning_prune.core.cost.model import CostModel
 
 
 @dataclass(frozen=True)

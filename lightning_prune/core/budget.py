@@ -2,9 +2,9 @@
 
 - :func:`resolve_budget`: ``budget`` (fraction of the full cost kept) or ``factor`` (= 1 / budget).
 - :func:`sigmoidal_transition` / :func:`budget_at`: the budget schedule of BAR as a pure function of
-  progress ``t`` in [0, 1] (papers/001 §1), in the style of fvcore's ``ParamScheduler``.
-- :func:`barrier`: BAR's barrier multiplier ``f(V, a, b)`` (METHODS §2), finite and flagged when capped.
-- :func:`distillation_loss`: knowledge-distillation data loss ``L_D`` of BAR (METHODS §2).
+  progress ``t`` in [0, 1] (Lemaire et al., CVPR 2019, Sec. 3.4 and supplementary eq. 1), in the style of fvcore's ``ParamScheduler``.
+- :func:`barrier`: BAR's barrier multiplier ``f(V, a, b)`` (Lemaire et al. 2019, Sec. 3), finite and flagged when capped.
+- :func:`distillation_loss`: knowledge-distillation data loss ``L_D`` of BAR (Lemaire et al. 2019, Sec. 3).
 
 Costs ``V``, ``a``, ``b``, ``start``, ``target`` are in whatever unit the caller counts (activation
 volume, MACs or parameters); these functions only need them to be consistent.
@@ -13,6 +13,7 @@ volume, MACs or parameters); these functions only need them to be consistent.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Real
 
@@ -20,6 +21,8 @@ from torch import Tensor
 from torch.nn import functional as F
 
 __all__ = [
+    "Budget",
+    "SigmoidalTransition",
     "BarrierValue",
     "barrier",
     "budget_at",
@@ -64,7 +67,7 @@ def resolve_budget(budget: float | None = None, factor: float | None = None) -> 
 
 
 def sigmoidal_transition(t: float, hardness: float = 10.0) -> float:
-    """BAR's sigmoidal transition ``T(t, d)`` from 0 at ``t = 0`` to 1 at ``t = 1`` (papers/001 §1).
+    """BAR's sigmoidal transition ``T(t, d)`` from 0 at ``t = 0`` to 1 at ``t = 1`` (Lemaire et al. 2019, supplementary eq. 1).
 
     ``T(t, d) = (sigmoid(d (t - 0.5)) - delta) / (1 - 2 delta)``, ``delta = sigmoid(-0.5 d)``, d = ``hardness``.
     Evaluated in the equivalent form ``(tanh(d (t - 0.5) / 2) + tanh(d / 4)) / (2 tanh(d / 4))``, which
@@ -103,7 +106,7 @@ class BarrierValue:
 
 
 def barrier(cost: float, a: float, b: float, cap: float = 1e3) -> BarrierValue:
-    """BAR's barrier multiplier ``f(V, a, b)`` (METHODS §2); a plain float, no gradient through ``V``.
+    """BAR's barrier multiplier ``f(V, a, b)`` (Lemaire et al. 2019, Sec. 3); a plain float, no gradient through ``V``.
 
     With ``g = (V - a) / (b - a)``: ``f = 0`` if ``V <= a``; ``f = g^2 / (1 - g)`` if ``a < V < b``.
     ``f`` grows without bound as ``V -> b``; here it is capped: whenever ``g^2 / (1 - g) >= cap``
@@ -147,7 +150,7 @@ def distillation_loss(
 
     ``p = softmax(logits / T)``; the KL is averaged over the batch, the cross-entropy (on the
     student's logits at temperature 1 against the integer ``targets``) is the batch mean.
-    ``teacher_logits`` are detached: the teacher is frozen. Defaults T = 4, alpha = 0.9 (METHODS §2).
+    ``teacher_logits`` are detached: the teacher is frozen. Defaults T = 4, alpha = 0.9 (Lemaire et al. 2019, Sec. 3).
 
     Args:
         student_logits: ``(N, C)`` logits of the network being pruned.
@@ -187,3 +190,87 @@ def distillation_loss(
         log_target=True,
     )
     return alpha * temp * temp * kl + (1.0 - alpha) * ce
+
+
+class SigmoidalTransition:
+    """The schedule ``t -> T(t, d)`` of :func:`sigmoidal_transition` with a fixed hardness ``d``
+    (Lemaire et al. 2019, Sec. 3.4, supplementary eq. 1): a pure function of progress ``t`` in [0, 1]; ``t`` outside
+    is clamped (before the transition: 0, after it: 1)."""
+
+    def __init__(self, hardness: float = 10.0) -> None:
+        self.hardness = finite_real("hardness", hardness)
+        if self.hardness < 0:
+            raise ValueError(f"hardness must be >= 0, got {hardness}")
+
+    def __call__(self, t: float) -> float:
+        return sigmoidal_transition(min(1.0, max(0.0, finite_real("t", t))), self.hardness)
+
+    def __repr__(self) -> str:
+        return f"SigmoidalTransition(hardness={self.hardness:g})"
+
+
+@dataclass
+class Budget:
+    """A network's budget: everything the methods, the schedule and the final check read.
+
+    Args:
+        fraction: the fraction of the full cost to keep, in (0, 1] (``1 / factor``).
+        cost: what is counted: ``"volume"``, ``"macs"`` or ``"params"``.
+        full: the unpruned network's cost.
+        floor: the cost with one channel left in every prunable group (no budget can go lower).
+        schedule: ``None`` (the budget is the target from the start) or a function of progress
+            ``t`` in [0, 1] giving the transition ``T(t)`` from the start budget to the target
+            (:class:`SigmoidalTransition`); the current budget is
+            ``(1 - T(t)) * start_factor * full + T(t) * target``.
+        start_factor: the start budget over the full cost (> 1; 1.01 in Lemaire et al. 2019).
+    """
+
+    fraction: float
+    cost: str
+    full: float
+    floor: int
+    schedule: Callable[[float], float] | None = None
+    start_factor: float = 1.01
+
+    @classmethod
+    def of(cls, fraction: float, cost: str, full: float, floor: int) -> Budget:
+        """The budget, checked: ``ValueError`` when the target lies below the floor."""
+        budget = cls(fraction, cost, float(full), int(floor))
+        if floor > budget.target:
+            raise ValueError(
+                f"budget: {fraction:.4g} of the full {cost} ({full:,.0f}) is {budget.target:,.0f}, "
+                f"below the {floor:,} that remains with one channel per prunable group; raise the budget"
+            )
+        return budget
+
+    @property
+    def target(self) -> float:
+        return self.fraction * self.full
+
+    def anneal(self, schedule: Callable[[float], float], start_factor: float = 1.01) -> None:
+        """Move the budget from ``start_factor * full`` to the target along ``schedule``."""
+        if not callable(schedule):
+            raise TypeError(f"schedule must be a function of progress in [0, 1], got {type(schedule).__name__}")
+        start_factor = finite_real("start_factor", start_factor)
+        if start_factor <= 1:
+            raise ValueError(f"start_factor must be > 1 (the start budget lies just above the full cost), got {start_factor}")
+        self.schedule, self.start_factor = schedule, start_factor
+
+    def current(self, t: float) -> float:
+        """The budget ``b`` at progress ``t`` of the schedule (never below the target)."""
+        if self.schedule is None:
+            return self.target
+        transition = self.schedule(t)
+        return max(self.target, (1.0 - transition) * self.start_factor * self.full + transition * self.target)
+
+    def barrier(self, cost: float, t: float, margin: float, cap: float = 1e3) -> BarrierValue:
+        """The barrier ``f(V, a, b)`` with ``a = (1 - margin) * target`` and ``b`` the current budget."""
+        return barrier(cost, (1.0 - margin) * self.target, self.current(t), cap)
+
+    def check(self, cost: float, what: str = "the network") -> None:
+        """``ValueError`` unless ``cost`` is at or under the target."""
+        if cost > self.target:
+            raise ValueError(
+                f"{what} costs {self.cost} {cost:,.0f}, over the budget {self.target:,.0f} "
+                f"({self.fraction:.4g} of {self.full:,.0f})"
+            )

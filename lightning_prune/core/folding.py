@@ -1,7 +1,7 @@
 """Hard pruning that computes exactly what the masked network computes.
 
 A 0/1 gate zeroes a removed channel at its gate site (see
-:class:`lightning_prune.graph.ChannelGroup`); :func:`lightning_prune.surgery.shrink` instead
+:class:`lightning_prune.core.graph.ChannelGroup`); :func:`lightning_prune.core.surgery.shrink` instead
 drops the channel from every layer of its group, in particular from the convolution and
 linear layers that read it (the group's ``"in"`` members, the *consumers*). The two agree
 when every operation between a gate site and a consumer maps 0 to 0 (ReLU, pooling, addition,
@@ -19,7 +19,7 @@ masked network:
    for a linear layer, ``c * W[:, k].sum()`` over the kernel for a convolution that does not
    pad its input with zeros. That constant is folded into the consumer's bias (created when the
    layer has none; the created biases are recorded in the pruning history, so
-   :func:`lightning_prune.surgery.replay` recreates them). A convolution that pads with zeros
+   :func:`lightning_prune.core.surgery.replay` recreates them). A convolution that pads with zeros
    sees the constant only away from the borders, and a value that varies cannot be folded into
    a bias at all: then nothing is removed and a ``ValueError`` names the group, the consumer
    and the operations between the gate site and the consumer, and suggests ``ignore=``;
@@ -45,16 +45,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from lightning_prune.cost.measure import check_example
-from lightning_prune.gates import FixedMask
-from lightning_prune.gating import GateSet, attach_gates, attached_gates
-from lightning_prune.graph import ChannelGraph
-from lightning_prune.surgery import pruning_history, shrink
+from lightning_prune.core.cost.measure import check_example
+from lightning_prune.core.gates import FixedMask
+from lightning_prune.core.gating import GateSet, attach_gates, attached_gates
+from lightning_prune.core.graph import ChannelGraph
+from lightning_prune.core.surgery import CREATED_BIASES, pruning_history, restore_created_biases, shrink, zero_bias
 
+# restore_created_biases and CREATED_BIASES live in surgery (replay needs them); re-exported here.
 __all__ = ["shrink_as_masked", "restore_created_biases", "CREATED_BIASES"]
 
-# Key of the pruning history listing the layers whose bias was created by folding.
-CREATED_BIASES = "created_biases"
 RTOL = 1e-4  # masked vs shrunk output, relative to the largest output magnitude
 CONSTANT_RTOL = 1e-5  # a removed channel's values count as one constant within this
 
@@ -75,7 +74,7 @@ def shrink_as_masked(
     Args:
         model: the network (gates must be detached), unshrunk, as ``graph`` describes it.
         masks: ``{group name: bool keep-mask (size,)}`` as for
-            :func:`lightning_prune.surgery.shrink`.
+            :func:`lightning_prune.core.surgery.shrink`.
         graph: the model's current channel graph.
         example_input: the batch on which the removed channels' values are recorded and the
             outputs compared (eval mode); at least two samples, so that a value that varies
@@ -366,7 +365,7 @@ def _bias_of(module: nn.Module, name: str, model: nn.Module, optimizers: list[to
     if module.bias is not None:
         return module.bias
     weight = module.weight
-    module.bias = _zero_bias(weight)
+    module.bias = zero_bias(weight)
     for opt in optimizers:
         for group in opt.param_groups:
             if any(p is weight for p in group["params"]):
@@ -377,11 +376,6 @@ def _bias_of(module: nn.Module, name: str, model: nn.Module, optimizers: list[to
         if name not in created:
             created.append(name)
     return module.bias
-
-
-def _zero_bias(weight: Tensor) -> nn.Parameter:
-    zeros = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
-    return nn.Parameter(zeros, requires_grad=weight.requires_grad)
 
 
 def _apply(model, graph, removed, deltas, modules, optimizer) -> ChannelGraph:
@@ -422,28 +416,3 @@ def _verify(model: nn.Module, batches, masked: list[list[Tensor]], pruned: Mappi
                 f"{', '.join(map(repr, pruned))}; pass ignore= (to build_graph / the pruning callback) for the "
                 "group(s) whose channels reach such an operation"
             )
-
-
-def restore_created_biases(model: nn.Module, history: Mapping[str, Any], graph: ChannelGraph) -> ChannelGraph:
-    """Create (zeros) the biases that folding created, as recorded in ``history``, on a model
-    rebuilt by :func:`lightning_prune.surgery.replay` (the values come with its state dict);
-    return ``graph`` with those layers marked as having a bias."""
-    names = history.get(CREATED_BIASES) or []
-    if not names:
-        return graph
-    modules = dict(model.named_modules())
-    layers = dict(graph.layers)
-    for name in names:
-        module = modules.get(name)
-        if not isinstance(module, (_ConvNd, nn.Linear)):
-            raise ValueError(
-                f"history: {CREATED_BIASES} names {name!r}, which is not a convolution or linear layer of the model"
-            )
-        if module.bias is None:
-            module.bias = _zero_bias(module.weight)
-        if name in layers:
-            layers[name] = replace(layers[name], bias=True)
-    record = pruning_history(model)
-    if record is not None and record is not history:
-        record[CREATED_BIASES] = list(names)
-    return replace(graph, layers=layers)

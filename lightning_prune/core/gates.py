@@ -1,7 +1,8 @@
 """Per-channel gates: Hard Concrete gates, Dirichlet importance switches and fixed binary masks.
 
 Pure tensor maths, no Lightning. A gate owns one multiplier per output channel of a channel
-group; other modules (``graph`` / gating) decide where the multiplier is applied.
+group; other modules (the channel graph's gate sites, ``gating``) decide where the multiplier
+is applied.
 
 Every gate follows the :class:`ChannelGate` protocol:
 
@@ -13,7 +14,10 @@ Every gate follows the :class:`ChannelGate` protocol:
 - ``gate.alive()`` returns the boolean channels that would be kept if pruned now;
 - ``gate.to_fixed_mask()`` freezes that decision into a :class:`FixedMask`.
 
-References: METHODS.md §1 (Hard Concrete, papers/001 §9) and §3 (Dirichlet switches, papers/004).
+References: the Hard Concrete gate as described in the supplementary material of Lemaire,
+Achkar and Jodoin, "Structured Pruning of Neural Networks with Budget-Aware Regularization"
+(CVPR 2019, arXiv:1811.09332), Sec. 9, eqs. 4-5; the Dirichlet switches of Adamczewski and Park,
+"Dirichlet Pruning for Neural Network Compression" (AISTATS 2021, arXiv:2011.05985).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_prune._checks import check_int
-from lightning_prune.budget import finite_real
+from lightning_prune.core.budget import finite_real
 
 __all__ = [
     "ChannelGate",
@@ -67,10 +71,12 @@ class ChannelGate(nn.Module, ABC):
 
 
 class HardConcreteGate(ChannelGate):
-    """Hard Concrete gate of L0 regularisation (Louizos et al. 2018), as used by BAR (papers/001 §9).
+    """Hard Concrete gate of L0 regularisation (Louizos et al. 2018), as used by BAR
+    (Lemaire et al. 2019, supplementary material, Sec. 9).
 
     One learned ``log_alpha`` per channel, initialised ``U(init_log_alpha[0], init_log_alpha[1])``
-    (default U(0, 0.01), papers/001 §4). With ``beta``, ``gamma < 0``, ``zeta > 1`` fixed:
+    (default U(0, 0.01), Lemaire et al. 2019, supplementary material, Sec. 4). With ``beta``,
+    ``gamma < 0``, ``zeta > 1`` fixed (supplementary material, eqs. 4-5):
 
     - training sample (one ``eps ~ U(0, 1)`` per channel per call):
       ``z = clamp(sigmoid((log eps - log(1 - eps) + log_alpha) / beta) * (zeta - gamma) + gamma, 0, 1)``;
@@ -151,7 +157,8 @@ class HardConcreteGate(ChannelGate):
 
 
 def dirichlet_kl(phi: Tensor, alpha0: float) -> Tensor:
-    """Closed-form ``KL(Dir(phi) || Dir(alpha0 * 1))`` over the last dimension of ``phi`` (METHODS §3).
+    """Closed-form ``KL(Dir(phi) || Dir(alpha0 * 1))`` over the last dimension of ``phi``: the
+    KL term of the variational objective of Adamczewski and Park 2021.
 
     ``lnG(sum phi) - lnG(K alpha0) - sum lnG(phi) + K lnG(alpha0) + sum (phi - alpha0)(psi(phi) - psi(sum phi))``
     """
@@ -179,7 +186,7 @@ def _inverse_softplus(y: float) -> float:
 
 
 class DirichletSwitch(ChannelGate):
-    """Dirichlet importance switch of Dirichlet pruning (papers/004, METHODS §3).
+    """Dirichlet importance switch of Dirichlet pruning (Adamczewski and Park 2021).
 
     Variational posterior ``q(s) = Dir(phi)``, ``phi = softplus(theta)``, over a switch ``s`` on the
     simplex; prior ``Dir(alpha0 * 1)`` (``alpha0 < 1`` favours sparse importance). The multiplier is

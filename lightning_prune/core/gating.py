@@ -1,6 +1,6 @@
 """Attach per-channel gates to the channel groups of a model, without editing its code.
 
-:func:`attach_gates` puts one gate (any :class:`lightning_prune.gates.ChannelGate`) on each
+:func:`attach_gates` puts one gate (any :class:`lightning_prune.core.gates.ChannelGate`) on each
 chosen group and returns a :class:`GateSet`, an ``nn.Module`` holding the gates in a
 ``ModuleDict`` keyed by group name. The GateSet is registered as a submodule of ``owner``
 when one is given (the LightningModule, so that its checkpoints save the gate parameters,
@@ -16,7 +16,7 @@ How the gates act (forward hooks, removed again by :meth:`GateSet.detach`):
   mask. (This is robust to a LightningModule calling ``self.net(x)`` instead of ``self(x)``.)
   When the gated model is in eval mode (``model.eval()``) the gates return their
   deterministic value, wherever the GateSet is registered.
-- each site's output (see :class:`lightning_prune.graph.ChannelGroup` for where they are)
+- each site's output (see :class:`lightning_prune.core.graph.ChannelGroup` for where they are)
   is multiplied channel-wise by its groups' values; a layer read by several groups (a batch
   norm after a concatenation) gets each group's values at that group's positions. With 0/1
   gates in eval mode the gated network computes exactly what the shrunk network computes.
@@ -27,17 +27,14 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.gates import ChannelGate
+from lightning_prune.core.gates import ChannelGate
+from lightning_prune.core.graph import ChannelGraph, ChannelGroup
 
-if TYPE_CHECKING:
-    from lightning_prune.graph import ChannelGraph, ChannelGroup
-
-__all__ = ["GateSet", "attach_gates", "attached_gates"]
+__all__ = ["GateSet", "attach_gates", "attached_gates", "masks_in_state_dict"]
 
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, GateSet] = weakref.WeakKeyDictionary()
 
@@ -51,11 +48,18 @@ def _key(name: str) -> str:
     return name.replace(".", "/")  # ModuleDict keys cannot contain dots
 
 
+def masks_in_state_dict(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """``{group name: bool mask}`` of the fixed-mask gates saved in ``state_dict`` by a GateSet
+    whose own keys start with ``prefix`` (e.g. ``"prune_gates."``)."""
+    start, end = f"{prefix}gates.", ".mask"
+    return {k[len(start) : -len(end)].replace("/", "."): v.bool() for k, v in state_dict.items() if k.startswith(start) and k.endswith(end)}
+
+
 class GateSet(nn.Module):
     """One gate per channel group, keyed by group name (``gates[name]``).
 
     A deep copy of a GateSet is detached. (A deep copy of a *gated model* keeps the forward
-    hooks, which still read the original GateSet: use :func:`lightning_prune.export` for a
+    hooks, which still read the original GateSet: use :func:`lightning_prune.core.export` for a
     standalone copy.)
 
     Args:
@@ -237,7 +241,7 @@ class GateSet(nn.Module):
         return f"groups={len(self.group_names)}, attached={self.attached}"
 
 
-GateFactory = Callable[["ChannelGroup"], ChannelGate]
+GateFactory = Callable[[ChannelGroup], ChannelGate]
 
 
 def attach_gates(
@@ -252,10 +256,10 @@ def attach_gates(
 
     Args:
         model: the module ``graph`` was built on (or an identical copy).
-        graph: its :class:`~lightning_prune.graph.ChannelGraph`.
+        graph: its :class:`~lightning_prune.core.graph.ChannelGraph`.
         gates: a GateSet, ``{group name: gate}`` (a subset of the groups is allowed; ungated
             groups keep every channel), or a factory called with each
-            :class:`~lightning_prune.graph.ChannelGroup`, e.g.
+            :class:`~lightning_prune.core.graph.ChannelGroup`, e.g.
             ``lambda group: HardConcreteGate(group.size)``.
         owner: module to register the GateSet under as ``owner.<name>`` (default: none, the
             caller holds the returned GateSet); pass the LightningModule so checkpoints,
@@ -263,8 +267,6 @@ def attach_gates(
             children (``nn.Sequential``).
         name: attribute name on ``owner``.
     """
-    from lightning_prune.graph import ChannelGraph
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(graph, ChannelGraph):

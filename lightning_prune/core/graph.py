@@ -1,8 +1,8 @@
-"""Channel groups: the sets of channels that must be removed together.
+"""Channel groups: the sets of channels that must be removed together (the data model).
 
-``build_graph(model, example_input)`` traces ``model`` once with Torch-Pruning's
-``DependencyGraph`` (this module and ``surgery`` are the only places that import
-``torch_pruning``) and turns its pruning groups into plain, picklable data:
+A :class:`ChannelGraph` is plain, picklable data, built from a traced network by
+:func:`lightning_prune.core.trace.build_graph` (the only module that traces with
+Torch-Pruning); this module has no Torch-Pruning import:
 
 - a :class:`ChannelGroup` per prunable group: a stable ``name`` (the qualified name of its
   first output-channel layer in ``model.named_modules()`` order), its ``size`` (number of
@@ -17,46 +17,33 @@
 - ``gate_sites`` per group: the layers whose *outputs* a gate must multiply so that a hard
   0/1 gate is equivalent to removing the channel (see :class:`ChannelGroup`).
 
-Groups that are never pruned (``ChannelGraph.excluded``, with the reason): groups whose
-channels are an output of the model (classifier heads, found automatically), groups that
-contain an output-channel layer listed in ``ignore=``, and groups that touch a grouped
-convolution (``1 < groups`` and not depthwise: removing arbitrary channels would break its
-equal-size groups). A group that reaches any other parametrised layer type (LayerNorm,
-GroupNorm, PReLU, LSTM, a raw ``nn.Parameter``, a transposed convolution...) raises a
-``TypeError`` naming the module and its type, because masking its channels is not
-equivalent to removing them or its cost cannot be counted; ``ignore=`` the group's layer to
-leave those channels alone.
-
-Every module with parameters of its own must be reached by the example's forward pass (its
-forward runs, or autograd reaches one of its parameters from the output): a layer that the
-trace never reached (the other side of a data-dependent ``if``, an auxiliary head used only
-in training, a layer used only in eval or by another method) reads channels that no group
-knows about, so pruning would leave it with the wrong input width and the network would
-crash later with a raw shape error. ``build_graph`` raises a ``ValueError`` naming them. List
-them in ``ignore=`` to accept them as they are: an ignored module that the trace never
-reached is never pruned and its parameters are never touched, but since no group knows
-which channels it reads, the channels feeding it *are* pruned as if it did not exist -- it
-must not run on the pruned network (drop it, or also ``ignore=`` the layers producing its
-input so that those channels stay). They are listed in ``ChannelGraph.unreached``.
+Which groups are prunable, which are excluded (``ChannelGraph.excluded``) and which modules
+the trace never reached (``ChannelGraph.unreached``) is decided by the builder: see
+:mod:`lightning_prune.core.trace`.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-if TYPE_CHECKING:
-    from lightning_prune.cost.measure import CostReport
-
-__all__ = ["Member", "ChannelGroup", "LayerInfo", "ChannelGraph", "build_graph", "random_masks"]
+__all__ = [
+    "Member",
+    "ChannelGroup",
+    "LayerInfo",
+    "ChannelGraph",
+    "random_masks",
+    "layer_kind",
+    "layer_sizes",
+    "COSTS",
+    "ROLES",
+]
 
 ROLES = ("out", "in", "channel")
 COSTS = ("volume", "macs", "params")
@@ -173,7 +160,8 @@ class ChannelGraph:
     """The prunable channel groups of a model, plus what is needed to count its cost.
 
     Plain data: module names, not module objects, so the same graph applies to a copy of
-    the model (``lightning_prune.surgery.shrink`` checks that the sizes still match).
+    the model (``lightning_prune.core.surgery.shrink`` checks that the sizes still match).
+    Built by :func:`lightning_prune.core.trace.build_graph`.
     Iterating yields the groups in ``named_modules()`` order of their names.
 
     Attributes:
@@ -187,7 +175,8 @@ class ChannelGraph:
         execution_order: the layers of ``layers`` in the order of their first call.
         model_name: class name of the traced model.
         unreached: modules with parameters that the example's forward did not reach (all of
-            them in ``ignore=``); no group knows which channels they read (module docstring).
+            them in ``ignore=``); no group knows which channels they read (see
+            :mod:`lightning_prune.core.trace`).
     """
 
     groups: dict[str, ChannelGroup]
@@ -334,7 +323,7 @@ class ChannelGraph:
             module = modules.get(name)
             if module is None:
                 raise ValueError(f"{argument} has no layer {name!r}: the channel graph was built for another architecture")
-            sizes = _sizes(module)
+            sizes = layer_sizes(module)
             if sizes != (layer.in_channels, layer.out_channels):
                 raise ValueError(
                     f"{argument}: layer {name!r} has (in, out) channels {sizes}, the channel graph expects "
@@ -343,7 +332,8 @@ class ChannelGraph:
                 )
 
 
-def _sizes(module: nn.Module) -> tuple[int, int]:
+def layer_sizes(module: nn.Module) -> tuple[int, int]:
+    """``(in_channels, out_channels)`` of a convolution, linear or batch-norm layer."""
     if isinstance(module, _ConvNd):
         return module.in_channels, module.out_channels
     if isinstance(module, nn.Linear):
@@ -353,7 +343,8 @@ def _sizes(module: nn.Module) -> tuple[int, int]:
     raise TypeError(f"not a convolution, linear or batch-norm layer: {type(module).__name__}")
 
 
-def _layer_kind(module: nn.Module) -> str | None:
+def layer_kind(module: nn.Module) -> str | None:
+    """``"conv"`` (not transposed), ``"linear"``, ``"norm"`` (batch norm) or ``None`` (any other module)."""
     if isinstance(module, _ConvNd) and not module.transposed:
         return "conv"
     if isinstance(module, nn.Linear):
@@ -361,346 +352,6 @@ def _layer_kind(module: nn.Module) -> str | None:
     if isinstance(module, _BatchNorm):
         return "norm"
     return None
-
-
-def _resolve_ignore(model: nn.Module, ignore: Iterable[nn.Module | str], names: dict[nn.Module, str]) -> set[str]:
-    if isinstance(ignore, (str, nn.Module)):
-        ignore = [ignore]
-    try:
-        items = list(ignore)
-    except TypeError:
-        raise TypeError(f"ignore must be an iterable of modules or module names, got {type(ignore).__name__}") from None
-    modules = dict(model.named_modules())
-    out: set[str] = set()
-    for item in items:
-        if isinstance(item, str):
-            if item not in modules:
-                raise ValueError(f"ignore: {type(model).__name__} has no submodule named {item!r}")
-            root = modules[item]
-        elif isinstance(item, nn.Module):
-            if item not in names:
-                raise ValueError(f"ignore: {type(item).__name__} module is not a submodule of the model")
-            root = item
-        else:
-            raise TypeError(f"ignore must contain modules or module names, got {type(item).__name__}")
-        out.update(names[m] for m in root.modules())
-    return out
-
-
-def _measure_layers(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[dict[str, LayerInfo], tuple[str, ...]]:
-    """One forward pass with hooks: output positions per layer (summed over calls) and call order."""
-    names = {m: n for n, m in model.named_modules()}
-    spatial: dict[str, int] = {}
-    order: list[str] = []
-    batch = inputs[0].shape[0]
-
-    def hook(module: nn.Module, _inp: object, out: object) -> None:
-        name = names[module]
-        if not isinstance(out, Tensor):
-            raise TypeError(f"module {name!r} ({type(module).__name__}) returned {type(out).__name__}, not a tensor")
-        channels = _sizes(module)[1]
-        spatial[name] = spatial.get(name, 0) + out.numel() // (batch * channels)
-        if name not in order:
-            order.append(name)
-
-    tracked = [(n, m) for n, m in model.named_modules() if _layer_kind(m) is not None]
-    handles = [m.register_forward_hook(hook) for _, m in tracked]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    layers = {}
-    for name, m in tracked:
-        kind = _layer_kind(m)
-        cin, cout = _sizes(m)
-        if kind == "conv":
-            kernel, groups = int(torch.tensor(m.kernel_size).prod()), m.groups
-            bias = m.bias is not None
-        elif kind == "linear":
-            kernel, groups, bias = 1, 1, m.bias is not None
-        else:
-            kernel, groups, bias = 1, 1, m.affine
-        layers[name] = LayerInfo(name, type(m).__name__, kind, cin, cout, groups, kernel, bias, spatial.get(name, 0))
-    return layers, tuple(order)
-
-
-def _untracked(model: nn.Module, layers: dict[str, LayerInfo], report: "CostReport") -> dict[str, int]:
-    """Cross-check every layer formula against the measurement and return the rest."""
-    for name, layer in layers.items():
-        if layer.kind == "norm":
-            continue
-        measured = report.per_layer.get(name)
-        for cost in ("macs", "volume"):
-            got = 0 if measured is None else getattr(measured, cost)
-            if name == "":  # the model is a single layer: count_cost attributes its MACs to no name
-                got = report[cost]
-            if got != layer.cost(cost):
-                module = model.get_submodule(name)
-                raise TypeError(
-                    f"cannot count the cost of module {name!r} ({type(module).__name__}): FlopCounterMode and hooks "
-                    f"measure {got} {cost} per sample, the layer formula gives {layer.cost(cost)}"
-                )
-    tracked = {c: sum(layer.cost(c) for layer in layers.values()) for c in COSTS}
-    if tracked["volume"] != report.volume:
-        raise TypeError(f"activation volume: measured {report.volume}, layers give {tracked['volume']}")
-    return {"macs": report.macs - tracked["macs"], "params": report.params - tracked["params"]}
-
-
-def _trace(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Any, set, set[nn.Module]]:
-    """Trace with Torch-Pruning; also return the modules with parameters of their own that the
-    forward reached: their forward ran, or autograd reaches one of their parameters from the
-    output (a parameter used directly by another module, e.g. ``MultiheadAttention.out_proj``)."""
-    outputs: list[Tensor] = []
-    ran: set[nn.Module] = set()
-
-    def forward_fn(m: nn.Module, x: tuple[Tensor, ...]) -> Any:
-        out = m(*x)
-        outputs.extend(tp.utils.flatten_as_list(out))
-        return out
-
-    def record(module: nn.Module, _args: object) -> None:
-        ran.add(module)
-
-    owners = [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
-    handles = [m.register_forward_pre_hook(record) for m in owners]
-    was_training = model.training
-    try:
-        with torch.enable_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=inputs, forward_fn=forward_fn, verbose=False)
-    except Exception as e:  # the tracer's own errors are not actionable; say what failed
-        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
-        raise ValueError(
-            f"could not trace {type(model).__name__} with example_input of shape {shapes}: {type(e).__name__}: {e}"
-        ) from e
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    grad_fns = {o.grad_fn for o in outputs if isinstance(o, Tensor) and o.grad_fn is not None}
-    if not grad_fns:
-        raise ValueError(
-            f"could not trace {type(model).__name__}: its output does not depend on its parameters through autograd "
-            "(does forward run under torch.no_grad() or detach its output?)"
-        )
-    used = _autograd_parameters(grad_fns)
-    reached = {m for m in owners if m in ran or any(id(p) in used for p in m.parameters(recurse=False))}
-    return dg, grad_fns, reached
-
-
-def _autograd_parameters(grad_fns: Iterable[Any]) -> set[int]:
-    """``id`` of every leaf tensor (parameter) that autograd reaches from ``grad_fns``."""
-    stack, seen, leaves = list(grad_fns), set(), set()
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        variable = getattr(fn, "variable", None)  # AccumulateGrad: the leaf it accumulates into
-        if isinstance(variable, Tensor):
-            leaves.add(id(variable))
-        stack.extend(next_fn for next_fn, _ in fn.next_functions)
-    return leaves
-
-
-def _check_reached(model: nn.Module, reached: set[nn.Module], ignored: set[str]) -> tuple[str, ...]:
-    """Raise for modules with parameters that the trace did not reach and that are not
-    ignored; return the ignored ones (they stay untouched, see the module docstring)."""
-    missed = [
-        name
-        for name, m in model.named_modules()
-        if m not in reached and next(m.parameters(recurse=False), None) is not None
-    ]
-    if not missed:
-        return ()
-    pending = _outermost(model, [n for n in missed if n not in ignored])
-    if pending:
-        listed = ", ".join(f"{n!r} ({type(model.get_submodule(n)).__name__})" for n in pending)
-        raise ValueError(
-            f"{type(model).__name__}: the example input's forward pass never reached {listed}, which "
-            f"{'has' if len(pending) == 1 else 'have'} parameters. No channel group knows which channels "
-            f"{'it reads' if len(pending) == 1 else 'they read'}, so pruning would leave a wrong input width "
-            "there and the network would fail later with a shape error (a data-dependent branch that the "
-            "example does not take, an auxiliary head used only in training, a layer used only in eval or "
-            "by another method). Give an example input that reaches them, or pass "
-            f"ignore={pending!r} to leave them untouched if they will not run on the pruned network "
-            "(ignore= the layers producing their input as well to keep the channels they read)"
-        )
-    return tuple(sorted(missed))
-
-
-def _outermost(model: nn.Module, names: list[str]) -> list[str]:
-    """``names`` with every group of them that makes up a whole submodule (all of its modules
-    with parameters) replaced by that submodule's name: report a missed block, not each layer."""
-    chosen = set(names)
-
-    def top(name: str) -> str:
-        parts, best = name.split("."), name
-        for k in range(len(parts) - 1, 0, -1):
-            ancestor = ".".join(parts[:k])
-            owners = [
-                n for n, m in model.get_submodule(ancestor).named_modules(prefix=ancestor)
-                if next(m.parameters(recurse=False), None) is not None
-            ]  # fmt: skip
-            if not all(n in chosen for n in owners):
-                break
-            best = ancestor
-        return best
-
-    return list(dict.fromkeys(top(n) for n in names))
-
-
-def build_graph(
-    model: nn.Module, example_input: Tensor | tuple[Tensor, ...], *, ignore: Iterable[nn.Module | str] = ()
-) -> ChannelGraph:
-    """Trace ``model`` on ``example_input`` and return its channel groups.
-
-    Args:
-        model: any ``nn.Module`` (its train/eval mode is restored).
-        example_input: a tensor or tuple of tensors with a leading batch dimension; only
-            shapes matter (the cost is counted per sample).
-        ignore: modules (or qualified names) whose output channels must never be pruned; a
-            group is left out when one of its producing layers (or a layer inside an ignored
-            module) is ignored. Output heads are left out automatically. Modules with
-            parameters that the example's forward never reaches must be listed here
-            (see the module docstring).
-
-    Raises:
-        TypeError: ``model`` is not a module; a group reaches a layer type that cannot be
-            pruned exactly (the message names the module and its type).
-        ValueError: the model cannot be traced, has nothing prunable, has gates attached, or
-            has modules with parameters that the example's forward does not reach (named).
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    # Imported here: lightning_prune.cost.model and lightning_prune.gating import this module.
-    from lightning_prune.cost.measure import check_example, count_cost
-    from lightning_prune.gating import attached_gates
-
-    if attached_gates(model) is not None:
-        raise ValueError("model has gates attached; detach them (GateSet.detach()) before building its channel graph")
-    inputs = check_example(example_input)
-    names = {m: n for n, m in model.named_modules()}
-    if not any(_layer_kind(m) in ("conv", "linear") for m in names):
-        raise ValueError(f"{type(model).__name__} has nothing prunable (it has no convolution or linear layer)")
-    ignored = _resolve_ignore(model, ignore, names)
-    index = {n: i for i, n in enumerate(names.values())}
-
-    dg, out_grad_fns, reached = _trace(model, inputs)
-    unreached = _check_reached(model, reached, ignored)
-    layers, order = _measure_layers(model, inputs)
-    report = count_cost(model, inputs)
-    untracked = _untracked(model, layers, report)
-
-    groups: dict[str, ChannelGroup] = {}
-    excluded: dict[str, str] = {}
-    for tp_group in dg.get_all_groups(root_module_types=(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-        group, reason = _convert(dg, tp_group, names, layers, ignored, out_grad_fns, index)
-        if reason is None:
-            groups[group.name] = group
-        else:
-            excluded[group.name] = reason
-    if not groups:
-        detail = "; ".join(f"{n!r}: {r}" for n, r in excluded.items()) or "no convolution or linear layer was traced"
-        raise ValueError(f"{type(model).__name__} has nothing prunable ({detail})")
-    groups = dict(sorted(groups.items(), key=lambda kv: index[kv[0]]))
-    excluded = dict(sorted(excluded.items(), key=lambda kv: index.get(kv[0], -1)))
-    return ChannelGraph(
-        groups=groups,
-        excluded=excluded,
-        layers=layers,
-        untracked=untracked,
-        input_shapes=tuple(tuple(t.shape) for t in inputs),
-        input_dtypes=tuple(str(t.dtype).removeprefix("torch.") for t in inputs),
-        ignore=tuple(sorted(ignored)),
-        execution_order=order,
-        model_name=type(model).__name__,
-        unreached=unreached,
-    )
-
-
-def _convert(dg, tp_group, names, layers, ignored, out_grad_fns, index) -> tuple[ChannelGroup, str | None]:
-    """A Torch-Pruning group -> (ChannelGroup, reason it is excluded or None)."""
-    members: list[Member] = []
-    problems: list[str] = []
-    reason: str | None = None
-    nodes = {}
-    for item in tp_group:
-        dep, node = item.dep, item.dep.target
-        target, is_out = node.module, dg.is_out_channel_pruning_fn(dep.handler)
-        if is_out and (isinstance(target, tp.ops._OutputOp) or node.grad_fn in out_grad_fns or not node.outputs):
-            reason = reason or "its channels are an output of the model (head)"
-        if isinstance(target, nn.Parameter):
-            name = dg._param_to_name.get(target, "a parameter")
-            problems.append(f"parameter {name!r} (nn.Parameter used directly in forward)")
-            continue
-        if target not in names:
-            continue  # a parameter-free operation recorded by the tracer (add, cat, flatten, ...)
-        name = names[target]
-        kind = _layer_kind(target)
-        if kind is None:
-            problems.append(f"module {name!r} of type {type(target).__name__}")
-            continue
-        layer = layers[name]
-        if layer.grouped:
-            reason = reason or f"it touches the grouped convolution {name!r} (groups={layer.groups})"
-            continue
-        if kind == "norm" or layer.depthwise:
-            role = "channel"
-        else:
-            role = "out" if is_out else "in"
-        if role != "in" and name in ignored:
-            reason = reason or f"ignored ({name!r} is in ignore=)"
-        pairs = sorted(zip(item.idxs, item.root_idxs))
-        members.append(Member(name, role, tuple(int(p) for p, _ in pairs), tuple(int(c) for _, c in pairs)))
-        nodes[(name, role)] = node
-    root = names.get(tp_group[0].dep.target.module, str(tp_group[0].dep.target.module))
-    size = len(tp_group[0].idxs)
-    producers = [m for m in members if m.role == "out" or (m.role == "channel" and layers[m.module].kind == "conv")]
-    identity = tuple(range(size))
-    named = [m.module for m in producers if m.positions == identity and m.channels == identity]
-    name = min(named, key=index.__getitem__) if named else root
-    if reason is None and problems:
-        raise TypeError(
-            f"channel group {name!r} reaches {problems[0]}, which lightning-prune cannot prune exactly "
-            f"(supported: Conv1d/2d/3d with groups=1 or depthwise, Linear, BatchNorm); "
-            f"pass ignore=[{name!r}] to leave these channels unpruned"
-        )
-    members.sort(key=lambda m: (index[m.module], ROLES.index(m.role)))
-    norms = {m.module for m in members if m.role == "channel" and layers[m.module].kind == "norm"}
-    depthwise = {m.module for m in members if m.role == "channel" and layers[m.module].kind == "conv"}
-    sites = [
-        m.module
-        for m in members
-        if (m.module in norms or m in producers) and _reaches_consumer(nodes[(m.module, m.role)], names, norms, depthwise)
-    ]
-    return ChannelGroup(name, size, tuple(members), tuple(dict.fromkeys(sites))), reason
-
-
-def _reaches_consumer(start, names: dict, norms: set[str], depthwise: set[str]) -> bool:
-    """Whether some path from ``start``'s output reaches a channel-mixing layer (or the model
-    output) through parameter-free operations and depthwise convolutions of the group only,
-    i.e. without passing a batch norm of the group."""
-    stack, seen = list(start.outputs), set()
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        name = names.get(node.module)
-        if name in norms:
-            continue  # this batch norm gates the path
-        if name is not None and name not in depthwise:
-            return True  # a layer mixing channels (or one outside the group) reads them
-        if not node.outputs:
-            return True  # the model output
-        stack.extend(node.outputs)
-    return False
 
 
 def random_masks(

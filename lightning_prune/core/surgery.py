@@ -3,7 +3,7 @@
 ``shrink(model, masks)`` removes the channels that ``masks`` drop from every layer of their
 group, in place, using Torch-Pruning's per-layer pruning functions (the handler table of
 ``torch_pruning.pruner.function``) on the positions recorded in the
-:class:`~lightning_prune.graph.ChannelGraph`. The graph, the gates and the cost model all read
+:class:`~lightning_prune.core.graph.ChannelGraph`. The graph, the gates and the cost model all read
 the same positions, so "masked == shrunk" and "exact cost == measured cost" hold by
 construction (and are tested).
 
@@ -26,21 +26,35 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 from torch.utils.hooks import RemovableHandle
 from torch_pruning.pruner import function as tpf
 
-from lightning_prune.gating import attached_gates
-from lightning_prune.graph import ChannelGraph, build_graph
+from lightning_prune.core.gating import attached_gates
+from lightning_prune.core.graph import ChannelGraph
+from lightning_prune.core.trace import build_graph
 
-__all__ = ["shrink", "replay", "pruning_history", "enable_pruned_loading", "pruned_loading_enabled", "HISTORY_KEY"]
+__all__ = [
+    "shrink",
+    "replay",
+    "pruning_history",
+    "enable_pruned_loading",
+    "pruned_loading_enabled",
+    "restore_created_biases",
+    "HISTORY_KEY",
+    "CREATED_BIASES",
+]
 
 HISTORY_ATTR = "_lightning_prune_history"  # the attribute holding the record
 HISTORY_KEY = "lightning_prune_history._extra_state"  # its key in state dicts (the name of earlier versions)
 HISTORY_VERSION = 1
+# Key of the pruning history listing the layers whose bias lightning_prune.core.folding created.
+CREATED_BIASES = "created_biases"
 
 # Torch-Pruning handler per (layer kind, cut dimension).
 _HANDLERS = {
@@ -73,7 +87,7 @@ def pruning_history(model: nn.Module) -> dict[str, Any] | None:
 
     Indices of step ``k`` refer to the model as it was after steps ``0 .. k-1``. An optional
     ``"created_biases": [layer names]`` lists the layers whose bias
-    :func:`lightning_prune.folding.shrink_as_masked` created (``replay`` recreates them). It is kept
+    :func:`lightning_prune.core.folding.shrink_as_masked` created (``replay`` recreates them). It is kept
     in a plain attribute of the model (not a submodule, so that no container's ``forward``
     sees it) and written into the model's ``state_dict`` under ``lightning_prune_history``
     by a state-dict hook, so every checkpoint of a shrunk network carries it.
@@ -249,11 +263,40 @@ def replay(model: nn.Module, history: Mapping[str, Any], *, graph: ChannelGraph 
             m[torch.as_tensor(idx, dtype=torch.long)] = False
             masks[name] = m
         graph = shrink(model, masks, graph=graph)
-    if history.get("created_biases"):  # biases that lightning_prune.folding created: recreate them
-        from lightning_prune.folding import restore_created_biases  # folding imports this module
-
+    if history.get(CREATED_BIASES):  # biases that lightning_prune.core.folding created: recreate them
         graph = restore_created_biases(model, history, graph)
     return graph
+
+
+def zero_bias(weight: Tensor) -> nn.Parameter:
+    """A zero bias for a layer with this ``weight`` (same dtype, device and ``requires_grad``)."""
+    zeros = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    return nn.Parameter(zeros, requires_grad=weight.requires_grad)
+
+
+def restore_created_biases(model: nn.Module, history: Mapping[str, Any], graph: ChannelGraph) -> ChannelGraph:
+    """Create (zeros) the biases that :func:`lightning_prune.core.folding.shrink_as_masked` created,
+    as recorded in ``history``, on a model rebuilt by :func:`replay` (the values come with its state dict);
+    return ``graph`` with those layers marked as having a bias."""
+    names = history.get(CREATED_BIASES) or []
+    if not names:
+        return graph
+    modules = dict(model.named_modules())
+    layers = dict(graph.layers)
+    for name in names:
+        module = modules.get(name)
+        if not isinstance(module, (_ConvNd, nn.Linear)):
+            raise ValueError(
+                f"history: {CREATED_BIASES} names {name!r}, which is not a convolution or linear layer of the model"
+            )
+        if module.bias is None:
+            module.bias = zero_bias(module.weight)
+        if name in layers:
+            layers[name] = replace(layers[name], bias=True)
+    record = pruning_history(model)
+    if record is not None and record is not history:
+        record[CREATED_BIASES] = list(names)
+    return replace(graph, layers=layers)
 
 
 class _ReplayHistories:

@@ -11,8 +11,9 @@ class LeNet5(nn.Module):
     """The Caffe variant of LeNet-5: conv 20 (5x5) -> pool -> conv 50 (5x5) -> pool -> fc 500 -> fc.
 
     431,080 parameters and 2,293,000 MACs per 1x28x28 image at ``width=1``. ``width`` scales
-    every hidden layer (the "WM" width-multiplier baseline of papers/001); the head keeps
-    ``num_classes`` outputs.
+    every hidden layer (the "WM" width-multiplier baseline of Lemaire, Achkar and Jodoin,
+    "Structured Pruning of Neural Networks with Budget-Aware Regularization", CVPR 2019,
+    arXiv:1811.09332); the head keeps ``num_classes`` outputs.
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1.0) -> None:

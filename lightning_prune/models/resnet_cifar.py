@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lightning_prune.models._width import scaled
+from lightning_prune.models.init import init_convolutions
 
 
 class BasicBlock(nn.Module):
@@ -58,9 +59,7 @@ class CifarResNet(nn.Module):
         self.layer1, self.layer2, self.layer3 = stages
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        init_convolutions(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

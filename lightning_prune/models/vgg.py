@@ -1,10 +1,12 @@
-"""The CIFAR VGG-16 with BatchNorm used by channel-pruning papers (Li et al. 2017, papers/004)."""
+"""The CIFAR VGG-16 with BatchNorm used by channel-pruning papers (Li et al. 2017; Adamczewski and
+Park, "Dirichlet Pruning for Neural Network Compression", AISTATS 2021, arXiv:2011.05985)."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
 from lightning_prune.models._width import scaled
+from lightning_prune.models.init import init_convolutions
 
 VGG16_CONFIG: tuple[int | str, ...] = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
@@ -42,9 +44,7 @@ class CifarVGG(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(hidden, num_classes),
         )
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        init_convolutions(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))

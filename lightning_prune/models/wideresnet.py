@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lightning_prune.models._width import scaled
+from lightning_prune.models.init import init_convolutions
 
 
 class WideBlock(nn.Module):
@@ -66,9 +67,7 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        init_convolutions(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.block3(self.block2(self.block1(self.conv1(x))))

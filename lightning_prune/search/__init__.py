@@ -1,9 +1,11 @@
-"""AdaNS: adaptive non-uniform sampling of compression hyperparameters (papers/002).
+"""AdaNS: adaptive non-uniform sampling of compression hyperparameters (Javaheripi, Samragh,
+Javidi and Koushanfar, "AdaNS: Adaptive Non-Uniform Sampling for Automated Design of Compact
+DNNs", IEEE JSTSP 2020, doi:10.1109/JSTSP.2020.2992384).
 
 Plain Python + numpy/torch, no Hydra: the score (:mod:`.score`), the search space and its
 box (:mod:`.space`), boundary characterisation (:mod:`.boundary`), Algorithm 1
 (:mod:`.loop`), the samplers (:mod:`.samplers`), the whole search as one ask/tell object
-(:mod:`.pipeline`), the Gaussian reconstruction of §VI (:mod:`.reconstruction`) and reports
+(:mod:`.pipeline`), the Gaussian reconstruction of Sec. VI (:mod:`.reconstruction`) and reports
 (:mod:`.report`), the compression spaces of Appendix A (:mod:`.spaces`) and the candidate
 job (:mod:`.job`, entry point :mod:`.evaluate`). ``hydra_plugins/adans_sweeper`` drives :class:`CompressionSearch` through
 any Hydra launcher.

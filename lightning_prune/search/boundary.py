@@ -1,4 +1,6 @@
-"""Boundary characterisation (papers/002 §IV-C).
+"""Boundary characterisation (Javaheripi, Samragh, Javidi and Koushanfar, "AdaNS: Adaptive
+Non-Uniform Sampling for Automated Design of Compact DNNs", IEEE JSTSP 2020, doi:10.1109/JSTSP.2020.2992384;
+Sec. IV-C).
 
 For every dimension ``i`` alone (all others at their identity value), find how far it can be
 compressed while the accuracy stays above ``A_thr``: the largest pruning rate ``theta_i`` for a

@@ -1,4 +1,6 @@
-"""Algorithm 1 of papers/002: the AdaNS iteration with the adaptive proximity parameter.
+"""Algorithm 1 of Javaheripi, Samragh, Javidi and Koushanfar, "AdaNS: Adaptive Non-Uniform
+Sampling for Automated Design of Compact DNNs", IEEE JSTSP 2020, doi:10.1109/JSTSP.2020.2992384: the AdaNS
+iteration with the adaptive proximity parameter.
 
 :class:`AdaNS` is an ask/tell object: ``ask()`` gives the next batch of ``b`` points,
 ``tell(scores)`` records their scores. Between the two nothing is assumed about how the

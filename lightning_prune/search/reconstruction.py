@@ -1,4 +1,6 @@
-"""Reconstruction of the score from its samples (papers/002 §VI, eqs. 14-17).
+"""Reconstruction of the score from its samples (Javaheripi, Samragh, Javidi and Koushanfar,
+"AdaNS: Adaptive Non-Uniform Sampling for Automated Design of Compact DNNs", IEEE JSTSP 2020,
+doi:10.1109/JSTSP.2020.2992384; Sec. VI, eqs. 14-17).
 
 ``f~(x) = sum_i w_i Gauss(x, x_i, Sigma_i)`` with one Gaussian kernel per evaluated sample,
 a diagonal covariance ``sigma_m^2 = beta * (dx_i[m])^2`` where ``dx_i`` is the element-wise

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from lightning_prune._plotting import pyplot, save_figure
+
 
 def plot_progress(
     traces: Mapping[str, Sequence[float]],
@@ -21,10 +23,7 @@ def plot_progress(
     logarithmic score axis (scores below the accuracy threshold are many decades smaller)."""
     if not traces:
         raise ValueError("traces must hold at least one run")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, trace in traces.items():
@@ -37,12 +36,7 @@ def plot_progress(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def summary(status: Mapping[str, Any], best: Mapping[str, Any] | None, reference: Mapping[str, Any] | None,

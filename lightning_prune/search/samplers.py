@@ -1,4 +1,6 @@
-"""The AdaNS sampling subroutines (papers/002 §V) and a uniform baseline.
+"""The AdaNS sampling subroutines (Javaheripi, Samragh, Javidi and Koushanfar, "AdaNS: Adaptive
+Non-Uniform Sampling for Automated Design of Compact DNNs", IEEE JSTSP 2020, doi:10.1109/JSTSP.2020.2992384;
+Sec. V) and a uniform baseline.
 
 A sampler turns the history (all evaluated points ``xs`` with their scores, and the mask of
 good samples ``S_g`` chosen by Algorithm 1) into the next batch. Samplers are stateless except

@@ -1,4 +1,6 @@
-"""The AdaNS score (papers/002 §IV-B, eqs. 3-6).
+"""The AdaNS score (Javaheripi, Samragh, Javidi and Koushanfar, "AdaNS: Adaptive Non-Uniform
+Sampling for Automated Design of Compact DNNs", IEEE JSTSP 2020, doi:10.1109/JSTSP.2020.2992384; Sec. IV-B,
+eqs. 3-6).
 
     f(x) = exp(dC(M, x)) / PEN_A(x)                                            (6)
 

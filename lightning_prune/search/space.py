@@ -1,4 +1,6 @@
-"""The search space of AdaNS (papers/002 §IV-A): one normalised value per hyperparameter.
+"""The search space of AdaNS (Javaheripi, Samragh, Javidi and Koushanfar, "AdaNS: Adaptive
+Non-Uniform Sampling for Automated Design of Compact DNNs", IEEE JSTSP 2020, doi:10.1109/JSTSP.2020.2992384;
+Sec. IV-A): one normalised value per hyperparameter.
 
 Every dimension is in [0, 1] and has a *kind*:
 

@@ -1,13 +1,15 @@
-"""Compression spaces of AdaNS (papers/002 Appendix A): a vector x -> a compressed model.
+"""Compression spaces of AdaNS (Javaheripi, Samragh, Javidi and Koushanfar, "AdaNS: Adaptive
+Non-Uniform Sampling for Automated Design of Compact DNNs", IEEE JSTSP 2020, doi:10.1109/JSTSP.2020.2992384;
+Appendix A): a vector x -> a compressed model.
 
 :class:`CompressionSpace` wraps one loaded, trained model and offers, for one ``kind``:
 
 - ``"structured"`` (P_s): one pruning rate per channel group of
-  :func:`lightning_prune.graph.build_graph` (a residual stream is one group, so the result can
+  :func:`lightning_prune.core.trace.build_graph` (a residual stream is one group, so the result can
   be shrunk). The ``floor(p * c)`` channels of lowest priority are removed; priority is the
   summed absolute gradient of the loss with respect to the channel's feature maps, computed
   once (:meth:`rank_channels`). Masks sit at the group's gate sites (the core's
-  :class:`~lightning_prune.gating.GateSet` with fixed 0/1 masks): after the activation's
+  :class:`~lightning_prune.core.gating.GateSet` with fixed 0/1 masks): after the activation's
   batch norm for a plain conv-BN-ReLU chain, and at the batch norms feeding every residual
   addition for a residual stream. (The paper puts masks after the ReLU and after the residual
   add; with 0/1 masks this is the same network, and it is exactly the network ``shrink``
@@ -32,14 +34,17 @@ Evaluating a candidate never rebuilds the model: :meth:`apply` writes low-rank /
 weights into the loaded model (from factors cached once) and sets the fixed masks in place;
 :meth:`accuracy` runs the held-out images through it. :meth:`compress` builds the real
 smaller model (shrunk, decomposed into smaller layers); its cost measured with
-:func:`lightning_prune.count_cost` equals :meth:`predict_cost` (tested).
+:func:`lightning_prune.count_cost` equals :meth:`predict_cost` (tested). The compressed model
+carries its structural steps as plain data (the pruning history of
+:func:`lightning_prune.core.surgery.shrink`, the decompositions of
+:func:`lightning_prune.core.decomposition.decompose`), so :func:`lightning_prune.save_pruned`
+saves it and :func:`lightning_prune.load_pruned` rebuilds it from a fresh instance.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -48,29 +53,19 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_prune.cost import CostModel, count_cost
-from lightning_prune.gates import FixedMask
-from lightning_prune.gating import attach_gates
-from lightning_prune.graph import build_graph
+from lightning_prune.core.cost import CostModel, count_cost
+from lightning_prune.core.decomposition import decompose as decompose_layer
+from lightning_prune.core.decomposition import mode_bases, svd_layer, tucker2_layer
+from lightning_prune.core.gates import FixedMask
+from lightning_prune.core.gating import attach_gates
+from lightning_prune.core.trace import build_graph
 from lightning_prune.search.space import Dimension, SearchSpace, integer_setting
-from lightning_prune.surgery import shrink
+from lightning_prune.core.surgery import shrink
 
 KINDS = ("structured", "unstructured", "svd", "tucker2", "decomposition", "decomposition+structured")
 COSTS = ("macs", "params", "volume")
 
 __all__ = ["CompressionSpace", "KINDS", "sparse_cost", "top1"]
-
-
-def _is_conv2d(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
-
-
-def _svd_layer(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or (_is_conv2d(m) and tuple(m.kernel_size) == (1, 1) and tuple(m.padding) == (0, 0))
-
-
-def _tucker_layer(m: nn.Module) -> bool:
-    return _is_conv2d(m) and math.prod(m.kernel_size) > 1
 
 
 def _matrix(m: nn.Module) -> Tensor:
@@ -125,12 +120,6 @@ def top1(model: nn.Module, inputs: Tensor, targets: Tensor, batch_size: int = 50
     return 100.0 * correct / len(inputs)
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 class CompressionSpace:
     """The compression space ``kind`` of a trained ``model`` (see the module docstring).
 
@@ -178,10 +167,10 @@ class CompressionSpace:
         self.svd_layers: list[str] = []
         self.tucker_layers: list[str] = []
         if kind in ("svd", "decomposition", "decomposition+structured"):
-            self.svd_layers = [n for n, m in modules.items() if _svd_layer(m) and n in self.graph.layers]
+            self.svd_layers = [n for n, m in modules.items() if svd_layer(m) and n in self.graph.layers]
             dims += [Dimension(f"svd:{n}", "rank", min(_matrix(modules[n]).shape)) for n in self.svd_layers]
         if kind in ("tucker2", "decomposition", "decomposition+structured"):
-            self.tucker_layers = [n for n, m in modules.items() if _tucker_layer(m) and n in self.graph.layers]
+            self.tucker_layers = [n for n, m in modules.items() if tucker2_layer(m) and n in self.graph.layers]
             for n in self.tucker_layers:
                 dims += [Dimension(f"tucker_in:{n}", "rank", modules[n].in_channels),
                          Dimension(f"tucker_out:{n}", "rank", modules[n].out_channels)]
@@ -203,7 +192,7 @@ class CompressionSpace:
                 u, s, vh = torch.linalg.svd(_matrix(modules[n]).double(), full_matrices=False)
                 self._svd[n] = (u, s, vh)
             for n in self.tucker_layers:
-                self._tucker[n] = _mode_bases(self._original[n].double())
+                self._tucker[n] = mode_bases(self._original[n].double())
         self._order = {n: torch.argsort(self._original[n].abs().flatten(), descending=True) for n in self.sparse_layers}
         self._dense: dict[str, int] = {}
         self._per_weight_macs: dict[str, int] = {}
@@ -389,8 +378,6 @@ class CompressionSpace:
 
     # --- in-place evaluation ----------------------------------------------------------------------
     def _gates_suspended(self):
-        import contextlib
-
         return self.gates.suspended() if self.gates is not None else contextlib.nullcontext()
 
     @torch.no_grad()
@@ -457,55 +444,7 @@ class CompressionSpace:
         graph = self.graph
         if masks:
             graph = shrink(model, masks, graph=graph)
-        modules = dict(model.named_modules())
-        for name, ranks in decompose.items():
-            _set_submodule(model, name, _decompose(modules[name], ranks))
+        with _one_thread():
+            for name, ranks in decompose.items():
+                decompose_layer(model, name, tuple(int(r) for r in ranks))  # recorded on the model (save_pruned)
         return model.eval()
-
-
-def _mode_bases(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Left singular vectors of the output-mode and input-mode unfoldings of a conv weight."""
-    out_c, in_c = w.shape[:2]
-    u_out = torch.linalg.svd(w.reshape(out_c, -1), full_matrices=False)[0]
-    u_in = torch.linalg.svd(w.transpose(0, 1).reshape(in_c, -1), full_matrices=False)[0]
-    return u_out, u_in
-
-
-def _decompose(m: nn.Module, ranks: tuple[int, ...]) -> nn.Module:
-    """Smaller layers computing ``m`` (whose weight has at most these ranks) exactly."""
-    with _one_thread():
-        return _decompose_layer(m, ranks)
-
-
-def _decompose_layer(m: nn.Module, ranks: tuple[int, ...]) -> nn.Module:
-    w = m.weight.detach().double()
-    bias = m.bias is not None
-    if len(ranks) == 1:
-        (r,) = ranks
-        u, s, vh = torch.linalg.svd(w.reshape(w.shape[0], w.shape[1]), full_matrices=False)
-        first, second = (vh[:r] * s[:r, None]), u[:, :r]
-        if isinstance(m, nn.Linear):
-            a, b = nn.Linear(m.in_features, r, bias=False), nn.Linear(r, m.out_features, bias=bias)
-        else:
-            a = nn.Conv2d(m.in_channels, r, 1, stride=m.stride, bias=False)
-            b = nn.Conv2d(r, m.out_channels, 1, bias=bias)
-        a.weight.copy_(first.reshape(a.weight.shape).to(m.weight.dtype))
-        b.weight.copy_(second.reshape(b.weight.shape).to(m.weight.dtype))
-    else:
-        r_in, r_out = ranks
-        out_c, in_c = w.shape[:2]
-        u_out, u_in = (u[:, :r] for u, r in zip(_mode_bases(w), (r_out, r_in)))
-        core = torch.einsum("oa,oikl,ib->abkl", u_out, w, u_in)
-        a = nn.Conv2d(in_c, r_in, 1, bias=False)
-        core_conv = nn.Conv2d(r_in, r_out, m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation,
-                              bias=False)
-        b = nn.Conv2d(r_out, out_c, 1, bias=bias)
-        a.weight.copy_(u_in.T.reshape(r_in, in_c, 1, 1).to(m.weight.dtype))
-        core_conv.weight.copy_(core.to(m.weight.dtype))
-        b.weight.copy_(u_out.reshape(out_c, r_out, 1, 1).to(m.weight.dtype))
-        if bias:
-            b.bias.copy_(m.bias)
-        return nn.Sequential(a, core_conv, b).to(m.weight.device)
-    if bias:
-        b.bias.copy_(m.bias)
-    return nn.Sequential(a, b).to(m.weight.device)

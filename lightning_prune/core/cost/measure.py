@@ -8,8 +8,9 @@ Definitions (per input sample):
 - MACs: multiply-accumulates of convolutions and linear layers (matmuls).
 - params: number of parameter elements.
 - volume: number of output elements (C x H x W) of every convolution and linear layer; for
-  the layers that are gated this is the activation volume of papers/001 (sum of H x W over
-  feature maps).
+  the layers that are gated this is the activation volume ``V`` of Lemaire, Achkar and Jodoin,
+  "Structured Pruning of Neural Networks with Budget-Aware Regularization" (CVPR 2019,
+  arXiv:1811.09332): the sum of H x W over feature maps.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Three costs, all per input sample (the definitions of :func:`lightning_prune.cou
 - ``"params"``: parameter elements, biases and batch-norm weights included.
 
 Every layer contributes ``a * cin * out + b * out`` (coefficients from
-:meth:`lightning_prune.graph.LayerInfo.coefficients`), where ``out`` and ``cin`` are a fixed
+:meth:`lightning_prune.core.graph.LayerInfo.coefficients`), where ``out`` and ``cin`` are a fixed
 part plus, for each group the layer belongs to, a weighted count of the kept channels
 (the weight is how many positions a channel occupies, e.g. ``H*W`` after a flatten). So:
 
@@ -23,8 +23,9 @@ part plus, for each group the layer belongs to, a weighted count of the kept cha
   layer whose input and output channels belong to the *same* group -- only a layer applied
   to its own output -- would need ``E[in * out]``; this model uses ``E[in] * E[out]`` there);
 - :meth:`CostModel.channel_weights` gives each channel's marginal cost, the ``A_l`` of the
-  BAR sparsity loss (papers/001): for volume the ``H x W`` summed over the layers that output
-  the channel (constant), for MACs and parameters the derivative of the expected cost with
+  BAR sparsity loss (Lemaire, Achkar and Jodoin, "Structured Pruning of Neural Networks with
+  Budget-Aware Regularization", CVPR 2019, arXiv:1811.09332): for volume the ``H x W`` summed
+  over the layers that output the channel (constant), for MACs and parameters the derivative of the expected cost with
   respect to the channel's open-probability (by default with every other channel kept).
 """
 
@@ -35,7 +36,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from lightning_prune.graph import COSTS, ChannelGraph
+from lightning_prune.core.graph import COSTS, ChannelGraph
 
 __all__ = ["CostModel", "COSTS"]
 
