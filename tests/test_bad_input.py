@@ -30,7 +30,7 @@ from lightning_prune.callbacks import (
     SigmoidalBudgetAnnealing,
 )
 from lightning_prune.models import LeNet5
-from lightning_prune.surgery import shrink
+from lightning_prune.core.surgery import shrink
 from lightning_prune.train import optimized_value, run
 from tests.bar_helpers import TINY, ForeignModule, tiny_loader, trainer
 from tests.conftest import compose_train

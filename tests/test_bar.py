@@ -17,12 +17,12 @@ import torch.nn.functional as F
 
 import lightning_prune
 from lightning_prune.callbacks import BudgetAwareRegularization, HardPruning, SigmoidalBudgetAnnealing
-from lightning_prune.budget import distillation_loss
+from lightning_prune.core.budget import Budget, distillation_loss
 from lightning_prune.callbacks.bar import _DistillGradient
 from lightning_prune.callbacks.gated import example_from_batch
 from lightning_prune.classifier import ImageClassifier
 from lightning_prune.data import MNISTDataModule
-from lightning_prune.gates import HardConcreteGate
+from lightning_prune.core.gates import HardConcreteGate
 from lightning_prune.models import CifarResNet, LeNet5
 from tests.bar_helpers import TINY, ForeignModule, TinyCNN, assert_resumes_to_the_same_state, tiny_loader, trainer
 
@@ -33,50 +33,12 @@ def deterministic_gates(monkeypatch):
     monkeypatch.setattr(HardConcreteGate, "sample", lambda self, noise=None: self.deterministic())
 
 
-def test_penalty_matches_hand_computed_barrier_and_expected_cost():
-    module = ForeignModule()
-    bar = BudgetAwareRegularization(factor=2, cost="volume", lambda_=0.5, margin=0.05, example_input=TINY, verbose=False)
-    bar.setup(trainer(), module, "fit")
-    # volume per sample: conv1 8 maps of 8x8, conv2 12 maps of 4x4, head 4 outputs
-    assert bar.full_cost == 64 * 8 + 16 * 12 + 4 == 708
-    with torch.no_grad():
-        bar.gates["conv1"].log_alpha.fill_(0.0)
-        bar.gates["conv2"].log_alpha.copy_(torch.tensor([0.0] * 6 + [-5.0] * 6))
-    p_open = lambda la: 1 / (1 + math.exp(-(la - (2 / 3) * math.log(0.1 / 1.1))))
-    expected = 64 * 8 * p_open(0) + 16 * (6 * p_open(0) + 6 * p_open(-5)) + 4
-    v = 64 * 8 + 16 * 6 + 4  # z_hat(0) = 0.5 > 0 is alive, z_hat(-5) < 0 is not
-    target = 708 / 2
-    a = 0.95 * target
-    bar.current_budget = 700.0
-    g = (v - a) / (700.0 - a)
-    value = bar.regularizer()
-    assert bar.last["V"] == v
-    assert bar.last["expected_V"] == pytest.approx(expected, rel=1e-6)
-    assert bar.last["f"] == pytest.approx(g * g / (1 - g), rel=1e-9)
-    assert float(value) == pytest.approx(0.5 * g * g / (1 - g) * expected / 708, rel=1e-6)
-    # penalty="channels": L_S is the expected share of open channels; f still from the cost
-    bar.penalty = "channels"
-    channels = (8 * p_open(0) + 6 * p_open(0) + 6 * p_open(-5)) / 20
-    assert float(bar.regularizer()) == pytest.approx(0.5 * g * g / (1 - g) * channels, rel=1e-6)
-    assert bar.last["L_S"] == pytest.approx(channels, rel=1e-6) and bar.last["V"] == v
-    bar.penalty = "cost"
-    # at or over the budget the barrier is capped, counted and still finite
-    bar.current_budget = 600.0
-    value = bar.regularizer()
-    assert math.isfinite(float(value)) and bar.last["f"] == 1e3 and bar.capped_steps == 1
-    # under the margin there is no penalty at all
-    with torch.no_grad():
-        bar.gates["conv1"].log_alpha.fill_(-5.0)
-        bar.gates["conv1"].log_alpha[0] = 0.0
-    assert bar.regularizer() is None and bar.last["f"] == 0.0
-
-
 def test_widths_keep_the_most_open_channels():
-    bar = BudgetAwareRegularization(factor=2, cost="volume", example_input=TINY, verbose=False)
+    bar = BudgetAwareRegularization(factor=1.25, cost="volume", example_input=TINY, verbose=False)
     bar.setup(trainer(), ForeignModule(), "fit")
     with torch.no_grad():
         bar.gates["conv1"].log_alpha.copy_(torch.tensor([0.0, 3.0, -1.0, 2.0, 1.0, -2.0, 0.5, -3.0]))
-    masks = bar.keep_masks({"conv1": 3})
+    masks = bar.session.keep_masks({"conv1": 3})
     assert masks["conv1"].nonzero().flatten().tolist() == [1, 3, 4] and bool(masks["conv2"].all())
 
 
@@ -87,9 +49,11 @@ def test_annealing_moves_per_step_along_the_sigmoid():
     assert annealing.progress(15, 10) == pytest.approx(0.25)  # mid-epoch: per step, not per epoch
     assert annealing.progress(20, 10) == pytest.approx(0.5)
     assert annealing.progress(40, 10) == 1.0
-    assert annealing.budget(0.0, 1000, 100) == pytest.approx(1010)
-    assert annealing.budget(0.5, 1000, 100) == pytest.approx((1010 + 100) / 2)
-    assert annealing.budget(1.0, 1000, 100) == pytest.approx(100)
+    budget = Budget.of(0.1, "macs", 1000, 1)  # the session's budget, as the callback anneals it
+    budget.anneal(annealing.schedule, annealing.start_factor)
+    assert budget.current(0.0) == pytest.approx(1010)
+    assert budget.current(0.5) == pytest.approx((1010 + 100) / 2)
+    assert budget.current(1.0) == pytest.approx(100)
 
 
 def test_distillation_gradient_blends_user_loss_and_kd():
@@ -147,7 +111,6 @@ def _run_tiny(batch_size: int, accumulate: int, precision: str = "32-true", step
     module = ForeignModule(batch_norm=False)
     torch.manual_seed(1)  # the gates are drawn at setup: same start for every run
     bar = BudgetAwareRegularization(factor=4, cost="macs", example_input=TINY, gate_lr=0.05, verbose=False)
-    bar.current_budget = 0.0
     t = trainer(max_steps=steps, accumulate_grad_batches=accumulate, precision=precision, callbacks=[bar])
     t.fit(module, tiny_loader(batch_size, n=256))
     return module, bar
@@ -156,7 +119,7 @@ def _run_tiny(batch_size: int, accumulate: int, precision: str = "32-true", step
 def test_gradient_accumulation_equals_one_large_batch(deterministic_gates):
     big, bar_big = _run_tiny(batch_size=32, accumulate=1)
     acc, bar_acc = _run_tiny(batch_size=16, accumulate=2)
-    assert bar_big.last["f"] > 0  # the penalty was active
+    assert bar_big.method.last["f"] > 0  # the penalty was active
     for (k, v), (_, w) in zip(_gate_state(big).items(), _gate_state(acc).items()):
         assert torch.allclose(v, w, atol=1e-5), k
     for v in _gate_state(big).values():
@@ -166,7 +129,7 @@ def test_gradient_accumulation_equals_one_large_batch(deterministic_gates):
 def test_bf16_mixed_precision_trains_the_gates_like_fp32(deterministic_gates):
     full, bar_full = _run_tiny(batch_size=32, accumulate=1)
     half, bar_half = _run_tiny(batch_size=32, accumulate=1, precision="bf16-mixed")
-    assert bar_half.skipped_steps == 0
+    assert bar_half.session.skipped_steps == 0
     for (k, v), (_, w) in zip(_gate_state(full).items(), _gate_state(half).items()):
         assert torch.isfinite(w).all()
         assert torch.allclose(v, w, atol=2e-2), k

@@ -1,4 +1,4 @@
-"""Tests of lightning_prune.gates: Hard Concrete gates, Dirichlet switches, fixed masks."""
+"""Tests of lightning_prune.core.gates: Hard Concrete gates, Dirichlet switches, fixed masks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.distributions import Dirichlet, kl_divergence
 
-from lightning_prune.gates import ChannelGate, DirichletSwitch, FixedMask, HardConcreteGate, dirichlet_kl
+from lightning_prune.core.gates import ChannelGate, DirichletSwitch, FixedMask, HardConcreteGate, dirichlet_kl
 
 LN11 = math.log(11.0)
 

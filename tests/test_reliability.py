@@ -27,10 +27,10 @@ from lightning_prune.callbacks import (
     RandomPruning,
     SigmoidalBudgetAnnealing,
 )
-from lightning_prune.callbacks.gated import generator_states, restore_generators
-from lightning_prune.cost import count_cost
-from lightning_prune.gates import FixedMask, HardConcreteGate
-from lightning_prune.graph import random_masks
+from lightning_prune.core.session import generator_states, restore_generators
+from lightning_prune.core.cost import count_cost
+from lightning_prune.core.gates import FixedMask, HardConcreteGate
+from lightning_prune.core.graph import random_masks
 from lightning_prune.train import run
 from tests.bar_helpers import TINY, ForeignModule, tensor_state, tiny_data, tiny_loader, trainer
 
@@ -138,7 +138,7 @@ def test_the_first_tensor_the_network_accepts_is_the_example() -> None:
     loader = DataLoader(list(zip(data.tensors[1], data.tensors[0])), batch_size=16)
     bar = BudgetAwareRegularization(factor=2, verbose=False)
     trainer(max_steps=2, callbacks=[bar]).fit(LabelsFirst(), loader)
-    assert bar.graph.input_shapes == ((1, *TINY),) and bar.full_cost == 708
+    assert bar.graph.input_shapes == ((1, *TINY),) and bar.session.budget.full == 708
 
 
 # -- DDP through hard pruning --------------------------------------------------------------------
@@ -182,13 +182,13 @@ def test_a_run_that_stops_before_hard_pruning_warns_and_export_refuses_it() -> N
     with pytest.raises(ValueError, match="over its budget .* allow_over_budget=True"):
         export(module)
     over = export(module, allow_over_budget=True)
-    assert count_cost(over, torch.zeros(1, *TINY)).macs > callbacks[0].target_cost
+    assert count_cost(over, torch.zeros(1, *TINY)).macs > callbacks[0].session.budget.target
 
 
 def test_the_cli_fails_without_a_pruned_file_when_the_run_ends_before_pruning(tmp_path: Path, data_dir: Path) -> None:
     from tests.conftest import compose_train
 
-    cfg = compose_train(["trainer.max_epochs=2", "pruning.soft_epochs=2", "data.subset=256"], tmp_path)
+    cfg = compose_train(["trainer.max_epochs=2", "pruning.prune_epoch=2", "data.subset=256"], tmp_path)
     with pytest.raises(ValueError, match="at_epoch: hard pruning at epoch 2 never happens in a run of max_epochs=2"):
         run(cfg)
     assert not list(tmp_path.rglob("pruned_model.pt"))
@@ -197,7 +197,7 @@ def test_the_cli_fails_without_a_pruned_file_when_the_run_ends_before_pruning(tm
 def test_the_cli_fails_without_a_pruned_file_when_the_run_stops_early(tmp_path: Path, data_dir: Path) -> None:
     from tests.conftest import compose_train
 
-    cfg = compose_train(["trainer.max_epochs=3", "pruning.soft_epochs=2", "data.subset=256", "test=false",
+    cfg = compose_train(["trainer.max_epochs=3", "pruning.prune_epoch=2", "data.subset=256", "test=false",
                          "+callbacks.stop._target_=tests.test_reliability.StopAfterFirstEpoch"], tmp_path)
     with pytest.raises(RuntimeError, match="ended in epoch 1 before hard pruning at epoch 2 .* no pruned_model.pt"):
         run(cfg)
@@ -240,10 +240,10 @@ def test_fp16_with_a_grad_scaler_trains_the_gates_like_fp32(monkeypatch: pytest.
     full, _ = _gates_after("32-true")
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # overflows at first: those steps are skipped
     half, bar = _gates_after(MixedPrecision("16-mixed", "cpu", scaler=scaler))
-    assert scaler.get_scale() < 2.0**40 and bar.skipped_steps >= 1  # the scaler's skips are the gates' skips
+    assert scaler.get_scale() < 2.0**40 and bar.session.skipped_steps >= 1  # the scaler's skips are the gates' skips
     scaler2 = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     half2, bar2 = _gates_after(MixedPrecision("16-mixed", "cpu", scaler=scaler2))
-    assert bar2.skipped_steps == 0
+    assert bar2.session.skipped_steps == 0
     for key in full:
         assert torch.isfinite(half[key]).all() and torch.isfinite(half2[key]).all()
         torch.testing.assert_close(half2[key], full[key], atol=2e-2, rtol=0)  # unscaled: same steps as fp32
@@ -283,3 +283,17 @@ def ckpt_of_foreign(folder: Path) -> str:
         t.fit(ForeignModule(), tiny_loader(16, n=64))
         t.save_checkpoint(path)
     return str(path)
+
+
+def test_resume_of_a_masked_hard_phase_reaches_the_same_end_state(tmp_path: Path) -> None:
+    """HardPruning(shrink=False): the checkpoint holds fixed masks; resuming re-attaches them."""
+    from tests.bar_helpers import assert_resumes_to_the_same_state
+
+    def callbacks():
+        return [BudgetAwareRegularization(factor=3, cost="volume", example_input=TINY, verbose=False),
+                HardPruning(at_epoch=2, shrink=False, plot=False, verbose=False)]
+
+    straight = assert_resumes_to_the_same_state(tmp_path, callbacks)
+    masks = {k: v for k, v in straight.state_dict().items() if k.endswith(".mask")}
+    assert masks and any(not bool(m.all()) for m in masks.values())  # masked, not shrunk
+    assert straight.backbone_and_head.conv1.out_channels == 8

@@ -9,37 +9,40 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from lightning_prune._checks import check_int
-from lightning_prune.budget import budget_at, finite_real
+from lightning_prune.callbacks.gated import require_session
+from lightning_prune.core.budget import SigmoidalTransition, finite_real
+from lightning_prune.methods.bar import BarrierPenalty
 
 
 class SigmoidalBudgetAnnealing(Callback):
     """Anneal the budget ``b`` of :class:`BudgetAwareRegularization` along the sigmoidal
-    transition of papers/001 §1: ``b(t) = (1 - T(t, d)) * b0 + T(t, d) * B`` with
-    ``b0 = start_factor * V0`` (just above the full cost ``V0``), ``B`` the target cost and
+    transition of Lemaire et al. (CVPR 2019, Sec. 3.4 and supplementary eq. 1): ``b(t) = (1 - T(t, d)) * b0 + T(t, d) * B``
+    with ``b0 = start_factor * V0`` (just above the full cost ``V0``), ``B`` the target cost and
     ``t`` the progress from ``from_epoch`` to ``until_epoch``, advanced every optimizer step
     (not every epoch). Before ``from_epoch`` the budget is ``b0``, after ``until_epoch`` it is ``B``.
 
-    Args:
+    It sets the schedule of the session's :class:`~lightning_prune.core.budget.Budget` and its
+    progress; the session is found through the LightningModule.
+
+    Args (keyword-only except ``until_epoch``):
         until_epoch: epoch at which the budget reaches the target (exclusive end of the transition).
         from_epoch: epoch at which the transition starts.
-        hardness: ``d`` of papers/001; 0 gives a linear schedule, large values a step.
-        start_factor: ``b0 / V0``, greater than 1 (1.01 in papers/001).
+        hardness: ``d``; 0 gives a linear schedule, large values a step.
+        start_factor: ``b0 / V0``, greater than 1 (1.01 in Lemaire et al. 2019).
     """
 
-    def __init__(self, until_epoch: int, from_epoch: int = 0, hardness: float = 10.0, start_factor: float = 1.01) -> None:
+    def __init__(self, until_epoch: int, *, from_epoch: int = 0, hardness: float = 10.0, start_factor: float = 1.01) -> None:
         for name, value in (("until_epoch", until_epoch), ("from_epoch", from_epoch)):
             check_int(name, value, 0)
         if until_epoch <= from_epoch:
             raise ValueError(f"until_epoch must be greater than from_epoch ({from_epoch}), got {until_epoch}")
-        hardness = finite_real("hardness", hardness)
-        if hardness < 0:
-            raise ValueError(f"hardness must be >= 0, got {hardness}")
+        self.schedule = SigmoidalTransition(hardness)
         start_factor = finite_real("start_factor", start_factor)
         if start_factor <= 1:
             raise ValueError(f"start_factor must be > 1 (the start budget lies just above the full cost), got {start_factor}")
         self.until_epoch = until_epoch
         self.from_epoch = from_epoch
-        self.hardness = hardness
+        self.hardness = self.schedule.hardness
         self.start_factor = start_factor
 
     @property
@@ -53,27 +56,16 @@ class SigmoidalBudgetAnnealing(Callback):
         start, end = self.from_epoch * steps_per_epoch, self.until_epoch * steps_per_epoch
         return min(1.0, max(0.0, (step - start) / (end - start)))
 
-    def budget(self, t: float, full_cost: float, target: float) -> float:
-        return budget_at(t, self.start_factor * full_cost, target, self.hardness)
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._bar(trainer)  # fail at setup, not mid-training, when BAR is missing
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        session = require_session(pl_module, "SigmoidalBudgetAnnealing")
+        if not isinstance(session.method, BarrierPenalty):
+            raise ValueError(
+                "SigmoidalBudgetAnnealing needs exactly one BudgetAwareRegularization callback in the Trainer "
+                f"(the budget it anneals is BAR's barrier), found the {session.method.name} method"
+            )
+        session.when_traced(lambda s: s.budget.anneal(self.schedule, self.start_factor))
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        bar = self._bar(trainer)
-        if not bar.active:
-            return
+        session = require_session(pl_module, "SigmoidalBudgetAnnealing")
         steps_per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
-        t = self.progress(trainer.global_step, steps_per_epoch)
-        bar.current_budget = self.budget(t, bar.full_cost, bar.target_cost)
-
-    @staticmethod
-    def _bar(trainer: L.Trainer) -> Any:
-        from lightning_prune.callbacks.bar import BudgetAwareRegularization
-
-        found = [c for c in trainer.callbacks if isinstance(c, BudgetAwareRegularization)]
-        if len(found) != 1:
-            raise ValueError(
-                f"SigmoidalBudgetAnnealing needs exactly one BudgetAwareRegularization callback in the Trainer, found {len(found)}"
-            )
-        return found[0]
+        session.set_progress(self.progress(trainer.global_step, steps_per_epoch))

@@ -1,6 +1,7 @@
 """``DirichletImportance``: Dirichlet importance switches learned on a trained network with
 its weights frozen; their posterior means rank the channels, and a budget decides how many
-each layer keeps (papers/004 and METHODS §3).
+each layer keeps (Adamczewski and Park, "Dirichlet Pruning for Neural Network Compression",
+AISTATS 2021, arXiv:2011.05985).
 
 How a run goes (one ``trainer.fit``)::
 
@@ -15,7 +16,7 @@ with ``end = from_epoch + epochs`` (``epochs=None``: until HardPruning's ``at_ep
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import lightning as L
@@ -23,42 +24,22 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_prune.allocation import fit_budget
-from lightning_prune.budget import finite_real
 from lightning_prune._checks import check_bool, check_int
 from lightning_prune.callbacks.gated import GatedPruning
-from lightning_prune.callbacks.hard_pruning import HardPruning
-from lightning_prune.gates import ChannelGate, DirichletSwitch
-from lightning_prune.graph import ChannelGroup
-
-
-class _Switch(DirichletSwitch):
-    """A :class:`DirichletSwitch` that the callback can hold at the identity: before and after
-    the switch phase, and in layer-by-layer mode while another group learns."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.identity = True
-
-    def forward(self) -> Tensor:
-        if self.identity:
-            # Exactly 1; theta stays in the graph (with a zero gradient) so that DDP sees
-            # every gate parameter used in every step.
-            return torch.ones_like(self.theta) + 0.0 * self.theta
-        return super().forward()
+from lightning_prune.methods.dirichlet import DirichletSwitches
 
 
 class DirichletImportance(GatedPruning):
     """Dirichlet pruning (Adamczewski & Park, AISTATS 2021) as a Lightning callback.
 
-    One Dirichlet switch per prunable channel group (:class:`~lightning_prune.gates.DirichletSwitch`):
+    One Dirichlet switch per prunable channel group (:class:`~lightning_prune.core.gates.DirichletSwitch`):
     the group's output channels are multiplied by ``K * s`` (K channels, ``s`` on the simplex),
     so a uniform switch is the identity and the switch phase starts from exactly the trained
     network. In the switch phase the switches learn from the user's loss (through the user's
     own backward pass) plus ``kl_weight * sum_l KL(Dir(phi_l) || Dir(alpha0))``, added by the
     gate optimizer after AMP unscaling, gradient accumulation and DDP's all-reduce.
 
-    Estimators of the expected loss (METHODS §3):
+    Estimators of the expected loss (Adamczewski and Park 2021):
 
     - ``"mean"``: the switch is its posterior mean ``E[s] = phi / sum(phi)`` (deterministic);
     - ``"gamma"``: ``samples`` (S) reparameterised samples per step, ``g ~ Gamma(phi, 1)``,
@@ -79,7 +60,7 @@ class DirichletImportance(GatedPruning):
 
     Layer by layer (``layerwise=True``): the optimizer steps of the switch phase are split
     into equal consecutive parts, one per group in network order; in its part a group's
-    switches act and learn while every other switch is the identity (METHODS §3's
+    switches act and learn while every other switch is the identity (the method's
     "layer by layer"; the default learns all switches jointly).
 
     The KL weight: the variational objective per training sample is
@@ -88,7 +69,7 @@ class DirichletImportance(GatedPruning):
 
     From importance to a pruned network (:meth:`keep_masks`, used by :class:`HardPruning`):
     channels are dropped greedily, the least important per unit of marginal cost first, until
-    the exact cost meets the budget (:func:`~lightning_prune.allocation.fit_budget`); within a
+    the exact cost meets the budget (:func:`~lightning_prune.core.allocation.fit_budget`); within a
     group that is the order of the posterior mean, across groups it decides the widths. What
     "least important" means across groups is ``allocation``:
 
@@ -108,7 +89,7 @@ class DirichletImportance(GatedPruning):
     Args:
         budget, factor, cost, gate_lr, module, example_input, ignore, verbose: see
             :class:`~lightning_prune.callbacks.gated.GatedPruning` (``cost`` defaults to
-            ``"macs"`` here: papers/004 reports FLOPs).
+            ``"macs"`` here: Adamczewski and Park report FLOPs).
         alpha0: concentration of the symmetric Dirichlet prior (< 1 favours sparse importance).
         kl_weight: weight of the summed KL divergences (nats); ``None``: ``1 / N``.
         estimator: ``"mean"`` or ``"gamma"``.
@@ -124,10 +105,11 @@ class DirichletImportance(GatedPruning):
             when choosing the widths under the budget (above).
     """
 
-    ALLOCATIONS = ("share", "score")
+    ALLOCATIONS = DirichletSwitches.ALLOCATIONS
 
     def __init__(
         self,
+        *,
         budget: float | None = None,
         factor: float | None = None,
         cost: str = "macs",
@@ -147,16 +129,10 @@ class DirichletImportance(GatedPruning):
         ignore: Sequence[str] = (),
         verbose: bool = True,
     ) -> None:
-        super().__init__(budget, factor, cost, gate_lr, module, example_input, ignore, verbose)
-        self.alpha0 = finite_real("alpha0", alpha0)
-        if self.alpha0 <= 0:
-            raise ValueError(f"alpha0 must be > 0, got {alpha0}")
-        if kl_weight is not None:
-            kl_weight = finite_real("kl_weight", kl_weight)
-            if kl_weight < 0:
-                raise ValueError(f"kl_weight must be >= 0 or None (1 / number of training samples), got {kl_weight}")
-        if estimator not in DirichletSwitch.ESTIMATORS:
-            raise ValueError(f"estimator must be one of {DirichletSwitch.ESTIMATORS}, got {estimator!r}")
+        self._method_args = {"alpha0": alpha0, "estimator": estimator, "init": init, "allocation": allocation,
+                             "gate_lr": gate_lr, "kl_scale": kl_weight}
+        super().__init__(budget=budget, factor=factor, cost=cost, module=module, example_input=example_input,
+                         ignore=ignore, verbose=verbose)
         self.samples = check_int("samples", samples, minimum=1)
         if estimator == "mean" and self.samples != 1:
             raise ValueError(f"samples must be 1 with estimator='mean' (the posterior mean is deterministic), got {samples}")
@@ -164,41 +140,34 @@ class DirichletImportance(GatedPruning):
         self.epochs = None if epochs is None else check_int("epochs", epochs, minimum=1)
         for name, value in (("freeze_weights", freeze_weights), ("layerwise", layerwise)):
             check_bool(name, value)
-        self.init = finite_real("init", init)
-        if self.init <= 0:
-            raise ValueError(f"init must be > 0 (the initial Dirichlet concentration), got {init}")
-        if allocation not in self.ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {self.ALLOCATIONS}, got {allocation!r}")
-        self.allocation = allocation
         self.kl_weight = kl_weight
-        self.estimator = estimator
         self.freeze_weights = freeze_weights
         self.layerwise = layerwise
-        self.end_epoch: int | None = None  # first epoch after the switch phase (None: never ends); set in setup
-        self.kl_scale: float | None = kl_weight  # the weight in use (1 / N resolved at the first switch epoch)
-        self.learning_groups: tuple[str, ...] = ()
-        self.last: dict[str, float] = {}
+        self.end_epoch: int | None = None  # first epoch after the switch phase (None: never ends)
         self._hook: Any = None
         self._rerunning = False
         self._frozen_norms: list[nn.Module] = []
         self._epoch: int | None = None  # the epoch the switches were last set up for
         self._steps_per_epoch = 0
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(budget=self.budget, cost=self.cost, module=self.module, method="dirichlet")
+    def make_method(self) -> DirichletSwitches:
+        return DirichletSwitches(**self._method_args)
 
-    def make_gate(self, group: ChannelGroup) -> ChannelGate:
-        return _Switch(group.size, alpha0=self.alpha0, estimator=self.estimator, init=self.init)
+    @property
+    def learning_groups(self) -> tuple[str, ...]:
+        return self.method.learning_groups
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        fresh = self.network is None
+        fresh = self.session is None
         super().setup(trainer, pl_module, stage)
-        if not fresh or self.network is None:
-            return
-        pruners = [c for c in trainer.callbacks if isinstance(c, HardPruning)]
-        at_epoch = pruners[0].at_epoch if len(pruners) == 1 else None
+        if fresh and self.session is not None and self.samples > 1:
+            self._hook = self.session.network.register_forward_hook(self._average_samples, with_kwargs=True)
+
+    def _plan(self) -> None:
+        """The end of the switch phase, from ``epochs`` or HardPruning's epoch (known once every
+        callback's ``on_fit_start`` ran)."""
+        at_epoch = self.session.hard_pruning_epoch
         if self.epochs is not None:
             self.end_epoch = self.from_epoch + self.epochs
             if at_epoch is not None and at_epoch != self.end_epoch:
@@ -215,8 +184,6 @@ class DirichletImportance(GatedPruning):
             self.end_epoch = at_epoch
         elif self.layerwise:
             raise ValueError("layerwise: the switch phase must have an end to share it among the groups; give epochs or add HardPruning")
-        if self.samples > 1:
-            self._hook = self.network.register_forward_hook(self._average_samples, with_kwargs=True)
 
     # -- which switches act ----------------------------------------------------------------------
     @property
@@ -229,15 +196,9 @@ class DirichletImportance(GatedPruning):
         switch is the identity. ``learn(())`` makes every switch the identity. Called by the
         callback at every epoch (and, layer by layer, every batch); public to drive the
         switches by hand."""
-        if self.gates is None:
+        if self.session is None or self.gates is None:
             raise RuntimeError("DirichletImportance: no switches (setup has not run, or they were hardened)")
-        names = tuple(self.gates) if groups is None else tuple(groups)
-        for name in names:
-            if name not in self.gates:
-                raise ValueError(f"groups: unknown channel group {name!r}; groups: {', '.join(self.gates)}")
-        for name, gate in self.gates.items():
-            gate.identity = name not in names
-        self.learning_groups = names
+        self.method.learn(self.session, groups)
 
     def in_switch_phase(self, epoch: int) -> bool:
         return epoch >= self.from_epoch and (self.end_epoch is None or epoch < self.end_epoch)
@@ -246,7 +207,7 @@ class DirichletImportance(GatedPruning):
         self._enter_epoch(trainer)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        traced_now = self.ensure_ready(trainer, pl_module, batch)
+        traced_now = self.ensure_traced(trainer, batch)
         if traced_now or self._epoch != trainer.current_epoch:  # resumed mid-epoch: on_train_epoch_start did not run
             self._enter_epoch(trainer)
         if self.layerwise and self.active and self.in_switch_phase(trainer.current_epoch):
@@ -255,13 +216,16 @@ class DirichletImportance(GatedPruning):
     def _enter_epoch(self, trainer: L.Trainer) -> None:
         self._epoch = trainer.current_epoch
         if not self.active:
+            self._restore_norms()
             return
+        if self.end_epoch is None:
+            self._plan()
         if not self.in_switch_phase(trainer.current_epoch):
             self.learn(())
             self._restore_norms()
             return
-        if self.kl_scale is None:
-            self.kl_scale = 1.0 / self._num_samples(trainer)
+        if self.method.kl_scale is None:
+            self.method.kl_scale = 1.0 / self._num_samples(trainer)
         if self.freeze_weights:
             self._freeze_norms()
         if self.layerwise:
@@ -299,7 +263,7 @@ class DirichletImportance(GatedPruning):
     def _freeze_norms(self) -> None:
         if self._frozen_norms:
             return
-        for m in self.network.modules():
+        for m in self.session.network.modules():
             if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats and m.training:
                 m.eval()
                 self._frozen_norms.append(m)
@@ -327,16 +291,7 @@ class DirichletImportance(GatedPruning):
             self._rerunning = False
         return total / self.samples
 
-    # -- the KL term -------------------------------------------------------------------------------
-    def regularizer(self) -> Tensor | None:
-        if not self.learning_groups:
-            return None
-        kl = torch.stack([self.gates[n].kl_divergence() for n in self.learning_groups]).sum()
-        self.last = {"kl": float(kl.detach())}
-        if not self.kl_scale:
-            return None
-        return self.kl_scale * kl
-
+    # -- the switch phase's steps ---------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         if not self.active:
             return
@@ -352,8 +307,8 @@ class DirichletImportance(GatedPruning):
                     p.grad = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.learning and self.last:
-            pl_module.log("dirichlet/kl", self.last["kl"], on_step=True, on_epoch=False, batch_size=1)
+        if self.learning:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not (self.active and self.in_switch_phase(trainer.current_epoch)):
@@ -364,27 +319,10 @@ class DirichletImportance(GatedPruning):
                 + ", ".join(f"{n} {float(s.min()):.3g}/{float(s.max()):.3g}" for n, s in self.importance().items())
             )
 
-    # -- from importance to masks ---------------------------------------------------------------------
+    # -- importance ---------------------------------------------------------------------------------
     def importance(self) -> dict[str, Tensor]:
         """``{group: K * E[s]}`` per channel (CPU, detached): the posterior mean of each switch
         times its number of channels, 1 for every channel of a uniform switch."""
-        if self.gates is None:
+        if self.session is None or self.gates is None:
             raise RuntimeError("DirichletImportance: no switches (setup has not run, or they were hardened)")
-        return {n: (g.posterior_mean() * g.num_channels).detach().cpu() for n, g in self.gates.items()}
-
-    def keep_masks(self, widths: Mapping[str, int] | None = None) -> dict[str, Tensor]:
-        """Keep-masks at or under the budget, allocated globally by importance per unit of
-        marginal cost (see ``allocation``); or, with ``widths``, the top channels by posterior
-        mean of each listed group."""
-        scores = self.importance()
-        if widths is not None:
-            return self.masks_for_widths(scores, widths)
-        return fit_budget(self.cost_model, self.cost, self.target_cost, scores, relative=self.allocation == "share").masks
-
-    def harden(self, trainer: L.Trainer, pl_module: L.LightningModule, masks: Mapping[str, Tensor], shrink_network: bool) -> None:
-        self.learning_groups = ()
-        self._restore_norms()
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        super().harden(trainer, pl_module, masks, shrink_network)
+        return self.method.scores(self.session)

@@ -1,83 +1,45 @@
-"""The Lightning side shared by the gate-learning methods (BAR, Dirichlet switches).
+"""The Lightning side shared by the pruning methods: a thin adapter from Lightning's hooks to
+a :class:`~lightning_prune.core.session.PruningSession`.
 
 A :class:`GatedPruning` callback, in ``setup``, finds the network inside the user's
-LightningModule, builds its channel graph and cost model, and attaches one gate per channel
-group. The gates are registered under the LightningModule (``pl_module.prune_gates``), so
-checkpoints save them and DDP all-reduces their gradients, but they are trained by the
-callback's own optimizer (``gate_lr``), not by the user's: if the user's
-``configure_optimizers`` collected them (``self.parameters()``), they are taken out of its
-parameter groups in ``on_fit_start``.
+LightningModule and opens a session on it with the callback's method (BAR, Dirichlet,
+random); the session's gates are registered under the LightningModule (``pl_module.prune_gates``),
+so checkpoints save them and DDP all-reduces their gradients, but they are trained by the
+session's own optimizer, not by the user's: if the user's ``configure_optimizers`` collected
+them (``self.parameters()``), they are taken out of its parameter groups.
 
 How the method's regularizer reaches the gates without touching ``training_step``: the data
 loss reaches them through the user's backward pass (the gates multiply the feature maps).
 In ``on_before_optimizer_step`` -- once per optimizer step, after gradient accumulation,
 after DDP's all-reduce and after AMP's unscaling of the user's parameters -- the callback
-unscales the gates' gradients itself (fp16 GradScaler; bf16 needs none), adds the gradient
-of its regularizer (the same on every rank, so ranks stay in sync), and steps the gate
-optimizer. A step whose gate gradients are not finite is skipped, as the GradScaler skips
-the user's step.
+asks the session for a gate step with the GradScaler's scale (fp16; bf16 needs none); the
+regularizer is the same on every rank, so ranks stay in sync.
+
+Other callbacks (:class:`~lightning_prune.callbacks.HardPruning`,
+:class:`~lightning_prune.callbacks.SigmoidalBudgetAnnealing`) find the session with
+:func:`~lightning_prune.core.session.session_of` (the LightningModule), never this callback.
 """
 
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_prune.allocation import minimum_cost, top_k_masks
-from lightning_prune.budget import finite_real, resolve_budget
-from lightning_prune.cost import CostReport, count_cost
-from lightning_prune.cost.measure import output_widths
-from lightning_prune.cost.model import COSTS, CostModel
-from lightning_prune.export import export, record_budget
-from lightning_prune.gates import ChannelGate, FixedMask
-from lightning_prune.gating import GateSet, attach_gates
-from lightning_prune.graph import ChannelGraph, ChannelGroup, build_graph
-from lightning_prune.folding import shrink_as_masked
-from lightning_prune.surgery import HISTORY_KEY, enable_pruned_loading, pruned_loading_enabled
-
-GATES_ATTR = "prune_gates"
-
-
-def generator_states(device: torch.device | None = None) -> dict[str, Any]:
-    """The states of the random generators that the gates draw from: torch's CPU generator
-    (data order, gates on the CPU) and, for gates on an accelerator, that device's generator."""
-    states: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if device is not None and device.type == "cuda":
-        states["cuda"] = (device.index if device.index is not None else torch.cuda.current_device(), torch.cuda.get_rng_state(device))
-    elif device is not None and device.type == "mps":
-        states["mps"] = torch.mps.get_rng_state()
-    return states
-
-
-def restore_generators(states: dict[str, Any] | Tensor) -> None:
-    """Set the generators saved by :func:`generator_states` (a bare tensor: the CPU state of
-    checkpoints written before accelerator generators were saved)."""
-    if isinstance(states, Tensor):
-        torch.set_rng_state(states)
-        return
-    torch.set_rng_state(states["cpu"])
-    if "cuda" in states:
-        index, state = states["cuda"]
-        torch.cuda.set_rng_state(state, device=index)
-    if "mps" in states:
-        torch.mps.set_rng_state(states["mps"])
-
-
-@dataclass(frozen=True)
-class Measured:
-    cost: CostReport
-    widths: dict[str, int]  # output channels of every convolution / linear layer
-
+from lightning_prune.core.budget import resolve_budget
+from lightning_prune.core.cost.model import COSTS
+from lightning_prune.core.gating import GateSet
+from lightning_prune.core.method import Method
+from lightning_prune.core.session import PruningSession, session_of
+from lightning_prune.core.surgery import enable_pruned_loading, pruned_loading_enabled
 
 def find_network(pl_module: nn.Module, module: str | None) -> nn.Module:
     """The network to prune inside ``pl_module``: ``module`` (a dotted attribute path) when
@@ -171,29 +133,28 @@ def spawned_worker(trainer: L.Trainer) -> bool:
 
 
 class GatedPruning(Callback):
-    """Base class: gates on every channel group, a budget, and a gate optimizer.
+    """Base class of the pruning-method callbacks: subclasses say which
+    :class:`~lightning_prune.core.method.Method` the session uses (:meth:`make_method`).
 
-    Subclasses define :meth:`make_gate`, :meth:`regularizer` and :meth:`keep_masks`.
-
-    Args:
+    Args (keyword-only):
         budget: fraction of the full cost to keep, in (0, 1]; or
         factor: the papers' pruning factor, ``1 / budget`` (give exactly one of the two).
         cost: ``"volume"`` (activation volume), ``"macs"`` or ``"params"``.
-        gate_lr: learning rate of the gates' Adam optimizer.
         module: dotted path of the network inside the LightningModule (default: its only
             child with parameters, else the LightningModule itself).
         example_input: tensor, tuple of tensors or input shape used to trace the network
-            (default: ``example_input_array`` or the datamodule's ``input_shape``).
+            (default: ``example_input_array``, the datamodule's ``input_shape``, else the
+            first training batch).
         ignore: module names never to prune (output heads are never pruned anyway).
         verbose: print what is pruned.
     """
 
     def __init__(
         self,
+        *,
         budget: float | None = None,
         factor: float | None = None,
         cost: str = "volume",
-        gate_lr: float = 0.01,
         module: str | None = None,
         example_input: Any = None,
         ignore: Sequence[str] = (),
@@ -202,65 +163,44 @@ class GatedPruning(Callback):
         self.budget = resolve_budget(budget=budget, factor=factor)
         if cost not in COSTS:
             raise ValueError(f"cost must be one of {', '.join(map(repr, COSTS))}, got {cost!r}")
-        gate_lr = finite_real("gate_lr", gate_lr)
-        if gate_lr <= 0:
-            raise ValueError(f"gate_lr must be > 0, got {gate_lr}")
         if module is not None and not isinstance(module, str):
             raise TypeError(f"module must be a dotted attribute path or None, got {type(module).__name__}")
         if isinstance(ignore, str) or not all(isinstance(n, str) for n in ignore):
             raise TypeError("ignore must be a sequence of module names")
         self.cost = cost
-        self.gate_lr = gate_lr
         self.module = module
         self.example_input = example_input
         self.ignore = tuple(ignore)
         self.verbose = verbose
-        # Set in setup.
-        self.network: nn.Module | None = None
-        self.graph: ChannelGraph | None = None
-        self.cost_model: CostModel | None = None
-        self.gates: GateSet | None = None
-        self.gate_optimizer: torch.optim.Optimizer | None = None
-        self.full_cost = 0.0
-        self.target_cost = 0.0
-        # Plain state (saved in checkpoints).
-        self.phase = "soft"  # "soft": gates learn; "hard": masks fixed (and network shrunk or masked)
-        self.skipped_steps = 0
-        self._resumed_rng: dict[str, Any] | None = None
-        self._checks: list[Callable[[GatedPruning], None]] = []
+        self.method = self.make_method()
+        self.session: PruningSession | None = None
 
-    # -- what subclasses provide -------------------------------------------------------
-    def make_gate(self, group: ChannelGroup) -> ChannelGate:
-        raise NotImplementedError
+    def make_method(self) -> Method:
+        raise NotImplementedError(f"{type(self).__name__} must say which method it runs (make_method)")
 
-    def regularizer(self) -> Tensor | None:
-        """The term added to the loss for the gates (a scalar with a graph to the gate
-        parameters), or None for no term this step."""
-        raise NotImplementedError
-
-    def keep_masks(self, widths: Mapping[str, int] | None = None) -> dict[str, Tensor]:
-        """Hard keep-masks for every group, at or under the budget (or with ``widths``)."""
-        raise NotImplementedError
-
-    def masks_for_widths(self, scores: Mapping[str, Tensor], widths: Mapping[str, int]) -> dict[str, Tensor]:
-        """Keep the ``widths[group]`` highest-scoring channels of each listed group; the other groups keep all."""
-        return {**self.graph.full_masks(), **top_k_masks(scores, widths)}
-
-    # -- properties ---------------------------------------------------------------------
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(budget=self.budget, cost=self.cost, module=self.module)
+        return self._generate_state_key(budget=self.budget, cost=self.cost, module=self.module, method=self.method.name)
+
+    # -- what the session holds, for users and logs ---------------------------------------------
+    @property
+    def gates(self) -> GateSet | None:
+        return self.session.gates if self.session is not None else None
+
+    @property
+    def graph(self) -> Any:
+        return self.session.graph if self.session is not None else None
 
     @property
     def active(self) -> bool:
         """True while the gates learn (the soft phase)."""
-        return self.phase == "soft" and self.gates is not None
+        return self.session is not None and self.session.active
 
     # -- setup ----------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.network is not None:
+        if stage != "fit" or self.session is not None:
             return
-        self.network = find_network(pl_module, self.module)
+        network = find_network(pl_module, self.module)
         if spawned_worker(trainer) and not pruned_loading_enabled(pl_module):
             raise ValueError(
                 f"strategy: under {type(trainer.strategy).__name__} with worker processes started by multiprocessing "
@@ -268,220 +208,97 @@ class GatedPruning(Callback):
                 "which cannot take the smaller, pruned network; call lightning_prune.enable_pruned_loading(module) "
                 "before trainer.fit(module, ...), or use strategy='ddp'"
             )
-        # Resuming: the checkpoint decides which gates the module must have before its
-        # tensors load (learned gates, fixed masks, or none after shrinking), then the
-        # pruning history of a shrunk network is replayed onto this full-size one.
+        self.session = PruningSession(network, self.method, budget=self.budget, cost=self.cost, ignore=self.ignore, owner=pl_module)
+        # Resuming: the checkpoint decides which gates the module must have before its tensors
+        # load, before a pruning history is replayed (so this pre-hook goes first).
         handle = pl_module.register_load_state_dict_pre_hook(self._before_load)
-        # First of the pre-hooks: the gates (and, without an example input, the graph of the
-        # unpruned network) must exist before a pruning history is replayed.
         pl_module._load_state_dict_pre_hooks.move_to_end(handle.id, last=False)
         if not pruned_loading_enabled(pl_module):
             enable_pruned_loading(pl_module)
         example = example_from(trainer, pl_module, self.example_input)
         if example is not None:
-            self._prepare(pl_module, example)
+            self._trace(example)
         elif self.verbose:
             rank_zero_info(f"{type(self).__name__}: no example input given; the first training batch will give one")
 
-    def ensure_ready(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> bool:
-        """Trace the network on the first training batch if no example input was known at
-        setup (every rank does the same); return True if this call did it."""
-        if self.graph is not None or self.network is None:
+    def _trace(self, example: tuple[Tensor, ...]) -> None:
+        self.session.trace(example)
+        if self.verbose:
+            s = self.session
+            rank_zero_info(
+                f"{type(self).__name__}: {len(s.graph)} channel groups ({s.graph.num_channels} channels) of "
+                f"{type(s.network).__name__}; {self.cost} {s.budget.full:,.0f} -> budget {s.budget.target:,.0f}"
+            )
+
+    def _before_load(self, module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        self.session.prepare_load(state_dict, prefix)
+
+    def ensure_traced(self, trainer: L.Trainer, batch: Any) -> bool:
+        """Trace the network on this training batch if no example input was known at setup
+        (every rank does the same); return True if this call did it."""
+        if self.session is None or self.session.traced:
             return False
-        self._prepare(pl_module, example_from_batch(self.network, batch))
+        self._trace(example_from_batch(self.session.network, batch))
         self._fit_started(trainer)
         rewrap_ddp(trainer)  # the gates are new parameters
         return True
 
-    def when_ready(self, check: Callable[[GatedPruning], None]) -> None:
-        """Run ``check(self)`` once the channel graph and the budget are known (now, if they are):
-        how :class:`HardPruning` validates its widths before training starts."""
-        self._checks.append(check)
-        if self.graph is not None:
-            check(self)
-
-    def _prepare(self, pl_module: L.LightningModule, example: tuple[Tensor, ...]) -> None:
-        """Build the channel graph and cost model from ``example``, check the budget, attach the gates."""
-        self.graph = build_graph(self.network, example, ignore=self.ignore)
-        self.cost_model = CostModel(self.graph)
-        self.full_cost = float(self.cost_model.full(self.cost))
-        self.target_cost = self.budget * self.full_cost
-        floor = minimum_cost(self.cost_model, self.cost)
-        if floor > self.target_cost:
-            raise ValueError(
-                f"budget: {self.budget:.4g} of the full {self.cost} ({self.full_cost:,.0f}) is {self.target_cost:,.0f}, "
-                f"below the {floor:,} that remains with one channel per prunable group; raise the budget"
-            )
-        record_budget(self.network, self.cost, self.target_cost, self.full_cost, self.graph.example_input())
-        self._attach(pl_module, self.make_gate)
-        self.gate_optimizer = self.make_gate_optimizer()
-        self._prepared()
-        for check in self._checks:
-            check(self)
-        if self.verbose:
-            rank_zero_info(
-                f"{type(self).__name__}: {len(self.graph)} channel groups ({self.graph.num_channels} channels) of "
-                f"{type(self.network).__name__}; {self.cost} {self.full_cost:,.0f} -> budget {self.target_cost:,.0f}"
-            )
-
-    def _prepared(self) -> None:
-        """Called once the graph, the cost model and the gates exist (for subclasses)."""
-
-    def make_gate_optimizer(self) -> torch.optim.Optimizer:
-        """The gates' optimizer (default: Adam at ``gate_lr``)."""
-        return torch.optim.Adam(self.gates.parameters(), lr=self.gate_lr)
-
-    def _attach(self, pl_module: L.LightningModule, gates: Any) -> None:
-        self.gates = attach_gates(self.network, self.graph, gates, owner=pl_module, name=GATES_ATTR)
-
-    def _before_load(self, module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
-        """Load pre-hook on the LightningModule: give it the gates the checkpoint has."""
-        gate_keys = [k for k in state_dict if k.startswith(f"{prefix}{GATES_ATTR}.")]
-        if self.graph is None:  # no example input at setup: the checkpoint records the input shapes
-            self._prepare(module, self._example_in(state_dict, prefix, gate_keys))
-        tensors = [k for k in gate_keys if not k.endswith("_extra_state")]
-        masks = {k: state_dict[k] for k in tensors if k.endswith(".mask")}
-        if tensors and len(masks) == len(tensors):  # the hard phase, masked
-            if self.gates is not None:
-                self.gates.detach()
-            key_of = {k: k[len(f"{prefix}{GATES_ATTR}.gates.") : -len(".mask")].replace("/", ".") for k in masks}
-            self._attach(module, {key_of[k]: FixedMask(v.bool()) for k, v in masks.items()})
-            self.gate_optimizer = None
-            self.phase = "hard"
-        elif not gate_keys and self.gates is not None:  # the hard phase, shrunk
-            self.gates.detach()
-            self.gates = None
-            self.gate_optimizer = None
-            self.phase = "hard"
-
-    def _example_in(self, state_dict: Mapping[str, Any], prefix: str, gate_keys: list[str]) -> tuple[Tensor, ...]:
-        """A zero example input of the shapes recorded in a checkpoint (by the gates or by the pruning history)."""
-        records = [state_dict[k] for k in gate_keys if k.endswith("._extra_state")]
-        records += [v for k, v in state_dict.items() if k.startswith(prefix) and k.endswith(HISTORY_KEY)]
-        for record in records:
-            if isinstance(record, Mapping) and record.get("input_shapes"):
-                dtypes = record.get("input_dtypes") or ["float32"] * len(record["input_shapes"])
-                return tuple(torch.zeros(s, dtype=getattr(torch, d)) for s, d in zip(record["input_shapes"], dtypes))
-        raise ValueError(
-            f"example_input: the checkpoint records no input shape and none was given; pass example_input= to {type(self).__name__}"
-        )
-
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Gate samples and the data order come from torch's generators: a resumed run
-        # continues them from where the checkpoint was taken (on_fit_start runs after the
-        # callbacks' state is restored and before the first batch is drawn), so it ends
-        # where the unbroken run ends.
-        if self._resumed_rng is not None:
-            restore_generators(self._resumed_rng)
-            self._resumed_rng = None
-        if self.graph is None:
+        # Gate samples and the data order come from torch's generators: a resumed run continues
+        # them from where the checkpoint was taken (on_fit_start runs after the callbacks' state
+        # is restored and before the first batch is drawn), so it ends where the unbroken run ends.
+        self.session.restore_rng()
+        if not self.session.traced:
             return  # traced on the first batch
-        if self.phase == "hard" and self.gates is None:
-            # Resumed after shrinking: the checkpoint's pruning history has been replayed.
-            try:
-                self.graph.check_model(self.network)
-            except ValueError:
-                self.graph = build_graph(self.network, self.graph.example_input(), ignore=self.ignore)
-                self.cost_model = CostModel(self.graph)
+        self.session.after_load()
         self._fit_started(trainer)
 
     def _fit_started(self, trainer: L.Trainer) -> None:
-        if self.gates is None:
+        gates = self.session.gates
+        if gates is None:
             return
-        # The strategy may have replaced layers (SyncBatchNorm): hook the gates onto the layers there are now.
-        self.gates.reinstall()
-        ours = {id(p) for p in self.gates.parameters()}
+        gates.reinstall()  # the strategy may have replaced layers (SyncBatchNorm)
+        ours = {id(p) for p in gates.parameters()}
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 group["params"] = [p for p in group["params"] if id(p) not in ours]
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        self.ensure_ready(trainer, pl_module, batch)
+        self.ensure_traced(trainer, batch)
 
-    # -- training -----------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        if not self.active or self.gate_optimizer is None or not trainer.optimizers or optimizer is not trainer.optimizers[0]:
+        if not self.active or not trainer.optimizers or optimizer is not trainer.optimizers[0]:
             return
-        params = [p for p in self.gates.parameters() if p.requires_grad]
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None:
-            inv = 1.0 / float(scaler.get_scale())
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(inv)
-        if any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in params):
-            self.skipped_steps += 1
-            self.gate_optimizer.zero_grad(set_to_none=True)
+        self.session.gate_step(float(scaler.get_scale()) if scaler is not None else 1.0)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self.active or not self.method.last:
             return
-        term = self.regularizer()
-        if term is not None and term.requires_grad:
-            grads = torch.autograd.grad(term, params, allow_unused=True)
-            for p, g in zip(params, grads):
-                if g is None:
-                    continue
-                p.grad = g.to(p.dtype) if p.grad is None else p.grad.add_(g.to(p.dtype))
-        self.gate_optimizer.step()
-        self.gate_optimizer.zero_grad(set_to_none=True)
+        for key, value in self.method.last.items():
+            pl_module.log(f"{self.method.name}/{key}", value, prog_bar=key == "cost_vs_budget", on_step=True, on_epoch=False, batch_size=1)
 
-    # -- hard pruning (called by HardPruning) -------------------------------------------------
-    def harden(self, trainer: L.Trainer, pl_module: L.LightningModule, masks: Mapping[str, Tensor], shrink_network: bool) -> None:
-        """Fix the masks: detach the learned gates, then either remove the dropped channels
-        physically (slicing the user's optimizer state) or mask them with fixed gates."""
-        if self.gates is None or self.graph is None:
-            raise RuntimeError(f"{type(self).__name__} has no gates to harden (was setup run?)")
-        masks = self.graph.check_masks(dict(masks))
-        self.gates.detach()
-        self.gates = None
-        self.gate_optimizer = None
-        self.phase = "hard"
-        if shrink_network:
-            self.graph = shrink_as_masked(self.network, masks, graph=self.graph, optimizer=trainer.optimizers)
-            self.cost_model = CostModel(self.graph)
-        else:
-            self._attach(pl_module, {n: FixedMask(m) for n, m in masks.items()})
-        rewrap_ddp(trainer)  # the learned gates (and the removed channels) are gone
-
-    def measure(self) -> Measured:
-        """The network's measured cost and per-layer output channels, as it computes now
-        (with fixed masks the dropped channels count as removed)."""
-        if self.gates is not None and self.phase == "hard":
-            net = export(self.network)
-        else:
-            net = self.network
-        if self.gates is not None:
-            with self.gates.suspended():
-                report = count_cost(net, self._example_on(net))
-        else:
-            report = count_cost(net, self._example_on(net))
-        return Measured(report, output_widths(net))
-
-    def _example_on(self, net: nn.Module) -> tuple[Tensor, ...]:
-        device = next(net.parameters()).device
-        return tuple(t.to(device) for t in self.graph.example_input())
-
-    def current_masks(self) -> dict[str, Tensor]:
-        """Keep-masks in terms of the current graph (all-true once shrunk)."""
-        if self.gates is not None:
-            return {n: m.detach().cpu() for n, m in self.gates.alive().items()}
-        return self.graph.full_masks()
-
-    def current_cost(self) -> int:
-        return self.cost_model.exact(self.current_masks(), self.cost)
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.gates is None:
+            return
+        for name, mask in self.gates.alive().items():
+            pl_module.log(f"{self.method.name}_alive/{name}", float(mask.sum()), on_step=False, on_epoch=True, batch_size=1)
 
     # -- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        tensor = next(self.gates.parameters(), None) if self.gates is not None else None
-        state: dict[str, Any] = {
-            "phase": self.phase, "skipped_steps": self.skipped_steps,
-            "rng_state": generator_states(tensor.device if tensor is not None else None),
-        }
-        if self.gate_optimizer is not None:
-            state["gate_optimizer"] = self.gate_optimizer.state_dict()
-        return state
+        return self.session.state_dict() if self.session is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.phase = state_dict.get("phase", "soft")
-        self.skipped_steps = state_dict.get("skipped_steps", 0)
-        self._resumed_rng = state_dict.get("rng_state")
-        if self.gate_optimizer is not None and "gate_optimizer" in state_dict:
-            self.gate_optimizer.load_state_dict(state_dict["gate_optimizer"])
+        if self.session is not None:
+            self.session.load_state_dict(state_dict)
+
+
+def require_session(pl_module: L.LightningModule, who: str) -> PruningSession:
+    """The module's pruning session, or a ``ValueError`` saying that ``who`` needs one."""
+    session = session_of(pl_module)
+    if session is None:
+        raise ValueError(
+            f"{who} needs exactly one channel-selection callback (BudgetAwareRegularization, DirichletImportance "
+            "or RandomPruning) in the Trainer, found none"
+        )
+    return session

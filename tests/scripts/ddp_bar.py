@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_prune.callbacks import BudgetAwareRegularization
-from lightning_prune.gates import HardConcreteGate
+from lightning_prune.core.gates import HardConcreteGate
 from tests.bar_helpers import ForeignModule, tiny_loader
 
 class FixedGateInit(Callback):

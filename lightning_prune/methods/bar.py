@@ -1,0 +1,107 @@
+"""Budget-Aware Regularization (Lemaire, Achkar and Jodoin, "Structured Pruning of Neural
+Networks with Budget-Aware Regularization", CVPR 2019, arXiv:1811.09332) as a strategy:
+Hard Concrete gates and the barrier penalty that keeps the network under its budget."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_prune.core.allocation import fit_budget
+from lightning_prune.core.budget import finite_real
+from lightning_prune.core.gates import ChannelGate, HardConcreteGate
+from lightning_prune.core.graph import ChannelGroup
+from lightning_prune.core.method import Method, PruningSession
+
+__all__ = ["BarrierPenalty"]
+
+
+class BarrierPenalty(Method):
+    """Hard Concrete gates learned under ``lambda_ * f(V, a, b) * L_S`` (Lemaire et al. 2019, eq. 5-7).
+
+    - ``L_S``: the expected cost under the gates' open probabilities over the full cost
+      (``penalty="cost"``), or the expected number of open channels over all channels
+      (``penalty="channels"``: every gate is pushed alike and the data loss decides which
+      channels close);
+    - ``V``: the current cost, counting the alive channels (``z_hat > 0``) exactly;
+    - ``f``: the barrier with ``a = (1 - margin) * B`` (``B`` the target) and ``b`` the
+      session's current budget (the target, or its annealed value); capped when ``V >= b``
+      (counted in ``capped_steps``).
+
+    Hard pruning keeps the alive channels; if they cost more than the budget, the least open
+    per unit of marginal cost are dropped until it fits (listed in ``dropped``).
+
+    Args:
+        lambda_: weight of the penalty (>= 0).
+        margin: ``a = (1 - margin) * B``, in (0, 1).
+        penalty: ``"cost"`` or ``"channels"``.
+        gate_lr: learning rate of the gates' Adam optimizer.
+        cap: the largest barrier value.
+    """
+
+    name = "bar"
+    PENALTIES = ("cost", "channels")
+
+    def __init__(self, lambda_: float = 0.01, margin: float = 0.05, penalty: str = "cost", gate_lr: float = 0.02, cap: float = 1e3) -> None:
+        super().__init__()
+        self.lambda_ = finite_real("lambda_", lambda_)
+        if self.lambda_ < 0:
+            raise ValueError(f"lambda_ must be >= 0, got {lambda_}")
+        self.margin = finite_real("margin", margin)
+        if not 0 < self.margin < 1:
+            raise ValueError(f"margin must be in (0, 1), got {margin}")
+        if penalty not in self.PENALTIES:
+            raise ValueError(f"penalty must be 'cost' or 'channels', got {penalty!r}")
+        self.penalty = penalty
+        self.gate_lr = finite_real("gate_lr", gate_lr)
+        if self.gate_lr <= 0:
+            raise ValueError(f"gate_lr must be > 0, got {gate_lr}")
+        self.cap = finite_real("cap", cap)
+        if self.cap <= 0:
+            raise ValueError(f"cap must be > 0, got {cap}")
+        self.capped_steps = 0
+        self.dropped: dict[str, list[int]] = {}
+
+    def make_gate(self, group: ChannelGroup) -> ChannelGate:
+        return HardConcreteGate(group.size)
+
+    def make_optimizer(self, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=self.gate_lr)
+
+    def regularizer(self, session: PruningSession) -> Tensor | None:
+        probs = session.gates.open_probabilities()
+        expected = session.cost_model.expected(probs, session.cost)
+        v = float(session.current_cost())
+        budget = session.budget
+        f = budget.barrier(v, session.progress, self.margin, self.cap)
+        if f.capped:
+            self.capped_steps += 1
+        if self.penalty == "channels":
+            l_s = sum(p.sum() for p in probs.values()) / session.graph.num_channels
+        else:
+            l_s = expected / budget.full
+        self.last = {
+            "b": budget.current(session.progress), "V": v, "expected_V": float(expected.detach()), "f": f.value,
+            "L_S": float(l_s.detach()), "cost_vs_budget": v / budget.target, "capped_steps": float(self.capped_steps),
+        }
+        if f.value == 0.0 or self.lambda_ == 0.0:
+            return None
+        return (self.lambda_ * f.value) * l_s.float()
+
+    def scores(self, session: PruningSession) -> dict[str, Tensor]:
+        return {n: p.detach().cpu() for n, p in session.gates.open_probabilities().items()}
+
+    def keep_masks(self, session: PruningSession) -> dict[str, Tensor]:
+        alive = session.current_masks()
+        result = fit_budget(session.cost_model, session.cost, session.budget.target, self.scores(session), alive)
+        self.dropped = result.dropped
+        return result.masks
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"capped_steps": self.capped_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.capped_steps = int(state.get("capped_steps", 0))

@@ -1,0 +1,125 @@
+"""Dirichlet pruning (Adamczewski and Park, "Dirichlet Pruning for Neural Network
+Compression", AISTATS 2021, arXiv:2011.05985) as a strategy: per-layer Dirichlet importance
+switches learned by variational inference, then widths allocated under the budget."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_prune.core.allocation import fit_budget
+from lightning_prune.core.budget import finite_real
+from lightning_prune.core.gates import ChannelGate, DirichletSwitch
+from lightning_prune.core.graph import ChannelGroup
+from lightning_prune.core.method import Method, PruningSession
+
+__all__ = ["DirichletSwitches"]
+
+
+class _Switch(DirichletSwitch):
+    """A :class:`DirichletSwitch` that can be held at the identity: before and after the switch
+    phase, and layer by layer while another group learns."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.identity = True
+
+    def forward(self) -> Tensor:
+        if self.identity:
+            # Exactly 1; theta stays in the graph (with a zero gradient) so that DDP sees
+            # every gate parameter used in every step.
+            return torch.ones_like(self.theta) + 0.0 * self.theta
+        return super().forward()
+
+
+class DirichletSwitches(Method):
+    """One Dirichlet switch per channel group, multiplying the group's channels by ``K * s``
+    (``K`` channels, ``s`` on the simplex; a uniform switch is the identity). The regulariser
+    is ``kl_scale * sum_l KL(Dir(phi_l) || Dir(alpha0))`` over the groups that learn
+    (Adamczewski and Park 2021, eq. 4); the keep-masks drop channels greedily, the least
+    important per unit of marginal cost first, until the budget is met:
+
+    - ``allocation="share"``: dropping channel i of group l loses ``log(m_l) - log(m_l - E[s_li])``
+      (``m_l`` the kept posterior mass of the group): the greedy maximises ``sum_l log m_l``;
+    - ``allocation="score"``: the plain score ``K * E[s]`` per unit of cost.
+
+    Args:
+        alpha0: concentration of the symmetric Dirichlet prior.
+        estimator: ``"mean"`` (the posterior mean) or ``"gamma"`` (reparameterised samples).
+        init: initial concentration of every switch.
+        allocation: ``"share"`` or ``"score"``.
+        gate_lr: learning rate of the switches' Adam optimizer.
+        kl_scale: weight of the KL term (``None`` until the caller sets it, e.g. 1 / N samples).
+    """
+
+    name = "dirichlet"
+    ALLOCATIONS = ("share", "score")
+
+    def __init__(self, alpha0: float = 0.5, estimator: str = "mean", init: float = 1.0, allocation: str = "share",
+                 gate_lr: float = 0.1, kl_scale: float | None = None) -> None:
+        super().__init__()
+        self.alpha0 = finite_real("alpha0", alpha0)
+        if self.alpha0 <= 0:
+            raise ValueError(f"alpha0 must be > 0, got {alpha0}")
+        if estimator not in DirichletSwitch.ESTIMATORS:
+            raise ValueError(f"estimator must be one of {DirichletSwitch.ESTIMATORS}, got {estimator!r}")
+        self.init = finite_real("init", init)
+        if self.init <= 0:
+            raise ValueError(f"init must be > 0 (the initial Dirichlet concentration), got {init}")
+        if allocation not in self.ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {self.ALLOCATIONS}, got {allocation!r}")
+        self.gate_lr = finite_real("gate_lr", gate_lr)
+        if self.gate_lr <= 0:
+            raise ValueError(f"gate_lr must be > 0, got {gate_lr}")
+        if kl_scale is not None:
+            kl_scale = finite_real("kl_weight", kl_scale)
+            if kl_scale < 0:
+                raise ValueError(f"kl_weight must be >= 0 or None (1 / number of training samples), got {kl_scale}")
+        self.estimator = estimator
+        self.allocation = allocation
+        self.kl_scale = kl_scale
+        self.learning_groups: tuple[str, ...] = ()
+
+    def make_gate(self, group: ChannelGroup) -> ChannelGate:
+        return _Switch(group.size, alpha0=self.alpha0, estimator=self.estimator, init=self.init)
+
+    def make_optimizer(self, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=self.gate_lr)
+
+    def learn(self, session: PruningSession, groups: Iterable[str] | None = None) -> None:
+        """Let the switches of ``groups`` (all when ``None``) act and learn; every other switch
+        is the identity. ``learn(session, ())`` makes every switch the identity."""
+        if session.gates is None:
+            raise RuntimeError("DirichletSwitches: no switches (not traced yet, or hardened)")
+        names = tuple(session.gates) if groups is None else tuple(groups)
+        for name in names:
+            if name not in session.gates:
+                raise ValueError(f"groups: unknown channel group {name!r}; groups: {', '.join(session.gates)}")
+        for name, gate in session.gates.items():
+            gate.identity = name not in names
+        self.learning_groups = names
+
+    def stop(self, session: PruningSession) -> None:
+        self.learning_groups = ()
+
+    def regularizer(self, session: PruningSession) -> Tensor | None:
+        if not self.learning_groups:
+            return None
+        kl = torch.stack([session.gates[n].kl_divergence() for n in self.learning_groups]).sum()
+        self.last = {"kl": float(kl.detach())}
+        if not self.kl_scale:
+            return None
+        return self.kl_scale * kl
+
+    def scores(self, session: PruningSession) -> dict[str, Tensor]:
+        """``{group: K * E[s]}`` per channel: 1 for every channel of a uniform switch."""
+        if session.gates is None:
+            raise RuntimeError("DirichletSwitches: no switches (not traced yet, or hardened)")
+        return {n: (g.posterior_mean() * g.num_channels).detach().cpu() for n, g in session.gates.items()}
+
+    def keep_masks(self, session: PruningSession) -> dict[str, Tensor]:
+        return fit_budget(session.cost_model, session.cost, session.budget.target, self.scores(session),
+                          relative=self.allocation == "share").masks
