@@ -13,6 +13,7 @@ its search path (``hydra.searchpath: [file://${lightning_prune.config_dir:shared
       search/    adans.yaml    python -m lightning_prune.search.evaluate (AdaNS): hparams_search
       archcomp/  archcomp.yaml python -m lightning_prune.archcomp: sampler, compressor
                                (+ compressor/optimizer, compressor/scheduler), experiment
+      bench/     bench.yaml    python -m lightning_prune.bench (lightning-prune-bench): task, method
       shared/                  data, model, optimizer, scheduler, trainer, paths, hydra
 
 Importing this module registers the OmegaConf resolver ``lightning_prune.config_dir`` that the
@@ -27,14 +28,14 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 # entry point config root -> its root config name
-ROOTS = {"train": "train", "search": "adans", "archcomp": "archcomp"}
+ROOTS = {"train": "train", "search": "adans", "archcomp": "archcomp", "bench": "bench"}
 SHARED = "shared"
 RESOLVER = "lightning_prune.config_dir"
 
 
 def config_dir(root: str | None = None) -> Path:
     """Absolute path of the config folder (holding every root), or of one of its folders:
-    ``root`` is an entry point's config root (``"train"``, ``"search"``, ``"archcomp"``; see
+    ``root`` is an entry point's config root (``"train"``, ``"search"``, ``"archcomp"``, ``"bench"``; see
     ``ROOTS``) or ``"shared"``."""
     here = Path(__file__).resolve().parent
     for candidate in (here / "conf", here.parent / "conf"):

@@ -1,0 +1,210 @@
+"""The benchmark's methods. Each takes the same trained dense network (a copy), the same
+number of epochs after it (``task.prune.epochs``, its own schedule inside them) and returns
+the pruned, fine-tuned plain network; the runner measures and scores it."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ModelPruning
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from lightning_prune.bench.training import TOY_BATCHES, fit
+from lightning_prune.callbacks import (
+    BudgetAwareRegularization,
+    DirichletImportance,
+    HardPruning,
+    RandomPruning,
+    SigmoidalBudgetAnnealing,
+)
+from lightning_prune.core.cost import count_cost
+
+
+@dataclass
+class Run:
+    """What every method gets."""
+
+    cfg: DictConfig
+    datamodule: L.LightningDataModule
+    dense: nn.Module  # trained; methods work on copies
+    example: Tensor  # one zero input
+    target: float  # the budget in ``cost`` units
+    info: dict[str, Any] = field(default_factory=dict)  # what the method wants recorded
+
+    @property
+    def cost(self) -> str:
+        return self.cfg.budget.cost
+
+    @property
+    def epochs(self) -> int:
+        return int(self.cfg.task.prune.epochs)
+
+    def spend(self, net: nn.Module) -> int:
+        was = net.training
+        value = count_cost(net.eval(), self.example)[self.cost]
+        net.train(was)
+        return value
+
+    def head(self, net: nn.Module) -> list[nn.Module]:
+        """The output layer (never pruned)."""
+        return [m for m in net.modules() if isinstance(m, nn.Linear) and m.out_features == self.datamodule.num_classes][-1:]
+
+
+def _common(run: Run) -> dict[str, Any]:
+    return {"factor": float(run.cfg.budget.factor), "cost": run.cost, "example_input": tuple(run.example.shape[1:]), "verbose": False}
+
+
+def bar(run: Run) -> nn.Module:
+    m = run.cfg.method
+    soft = max(1, min(run.epochs - 1, round(run.epochs * m.soft_fraction)))
+    callbacks = [
+        BudgetAwareRegularization(**_common(run), lambda_=m.lambda_, margin=m.margin, gate_lr=m.gate_lr,
+                                  penalty=m.penalty, distillation=m.distillation),
+        SigmoidalBudgetAnnealing(soft, hardness=m.hardness),
+        HardPruning(soft, plot=False, verbose=False),
+    ]
+    run.info["prune_epoch"] = soft
+    return fit(run.cfg, run.datamodule, copy.deepcopy(run.dense), run.cfg.task.prune, run.epochs, callbacks)
+
+
+def dirichlet(run: Run) -> nn.Module:
+    m = run.cfg.method
+    switch = max(1, min(run.epochs - 1, int(m.switch_epochs)))
+    callbacks = [
+        DirichletImportance(**_common(run), alpha0=m.alpha0, gate_lr=m.gate_lr, allocation=m.allocation, epochs=switch),
+        HardPruning(switch, plot=False, verbose=False),
+    ]
+    run.info["prune_epoch"] = switch
+    return fit(run.cfg, run.datamodule, copy.deepcopy(run.dense), run.cfg.task.prune, run.epochs, callbacks)
+
+
+def random(run: Run) -> nn.Module:
+    callbacks = [RandomPruning(**_common(run), seed=int(run.cfg.seed)), HardPruning(0, plot=False, verbose=False)]
+    return fit(run.cfg, run.datamodule, copy.deepcopy(run.dense), run.cfg.task.prune, run.epochs, callbacks)
+
+
+def width(run: Run) -> nn.Module:
+    """The widest uniformly thinned network under the budget (bisection on the multiplier),
+    trained from scratch for the dense epochs plus the pruning epochs."""
+    build = lambda w: instantiate(run.cfg.task.model, num_classes=run.datamodule.num_classes, width=w)  # noqa: E731
+    low, high = 0.0, 1.0
+    for _ in range(30):
+        mid = (low + high) / 2
+        if run.spend(build(mid)) <= run.target:
+            low = mid
+        else:
+            high = mid
+    if low == 0.0:
+        raise ValueError(f"width: no width multiplier meets the budget {run.target:,.0f} {run.cost}")
+    run.info["width"] = low
+    dense = run.cfg.task.dense
+    epochs = int(dense.epochs) + run.epochs
+    run.info["epochs_from_scratch"] = epochs
+    return fit(run.cfg, run.datamodule, build(low), dense, epochs, planned=int(dense.epochs))
+
+
+# -- Torch-Pruning's pruners, through its public API ----------------------------------------------
+
+class _TaylorGradients:
+    """Gradients of the training loss on a few batches, for Taylor importance."""
+
+    def __init__(self, run: Run, batches: int) -> None:
+        self.run, self.batches = run, batches
+
+    def __call__(self, net: nn.Module) -> None:
+        net.zero_grad()
+        net.train()
+        for i, (x, y) in enumerate(self.run.datamodule.train_dataloader()):
+            if i >= self.batches:
+                break
+            F.cross_entropy(net(x), y).backward()
+
+
+def _tp_prune(run: Run, net: nn.Module, pruner: Any, before_step: Callable[[nn.Module], None] | None = None) -> None:
+    """Torch-Pruning's own iterative steps until the budget is met."""
+    steps = int(run.cfg.method.iterative_steps)
+    for step in range(steps):
+        if run.spend(net) <= run.target:
+            break
+        if before_step is not None:
+            before_step(net)
+        pruner.step()
+    else:
+        if run.spend(net) > run.target:
+            raise ValueError(f"{run.cfg.method.name}: {steps} iterative steps did not reach the budget")
+    run.info["tp_steps"] = step
+    net.zero_grad(set_to_none=True)
+
+
+def _tp_pruner(run: Run, net: nn.Module, importance: Any, cls: Any = tp.pruner.MetaPruner, **kwargs: Any) -> Any:
+    m = run.cfg.method
+    return cls(net, run.example, importance=importance, global_pruning=bool(m.global_pruning), pruning_ratio=1.0,
+               max_pruning_ratio=0.95, iterative_steps=int(m.iterative_steps), ignored_layers=run.head(net), **kwargs)
+
+
+def tp_l1(run: Run) -> nn.Module:
+    net = copy.deepcopy(run.dense)
+    _tp_prune(run, net, _tp_pruner(run, net, tp.importance.GroupMagnitudeImportance(p=1)))
+    return fit(run.cfg, run.datamodule, net, run.cfg.task.prune, run.epochs)
+
+
+def tp_taylor(run: Run) -> nn.Module:
+    net = copy.deepcopy(run.dense)
+    batches = TOY_BATCHES if run.cfg.toy else int(run.cfg.method.taylor_batches)
+    _tp_prune(run, net, _tp_pruner(run, net, tp.importance.GroupTaylorImportance()), _TaylorGradients(run, batches))
+    return fit(run.cfg, run.datamodule, net, run.cfg.task.prune, run.epochs)
+
+
+class _GroupNormRegularizer(Callback):
+    """Adds Torch-Pruning's group-norm sparsity gradient after every backward pass."""
+
+    def __init__(self, pruner: Any) -> None:
+        self.pruner = pruner
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        self.pruner.regularize(pl_module.net)
+
+
+def tp_groupnorm(run: Run) -> nn.Module:
+    m = run.cfg.method
+    net = copy.deepcopy(run.dense)
+    pruner = _tp_pruner(run, net, tp.importance.GroupMagnitudeImportance(p=2), cls=tp.pruner.GroupNormPruner, reg=float(m.reg))
+    sparse = max(1, min(run.epochs - 1, round(run.epochs * m.sparse_fraction)))
+    pruner.update_regularizer()
+    net = fit(run.cfg, run.datamodule, net, run.cfg.task.prune, sparse, [_GroupNormRegularizer(pruner)], planned=run.epochs)
+    _tp_prune(run, net, pruner)
+    run.info["sparse_epochs"] = sparse
+    return fit(run.cfg, run.datamodule, net, run.cfg.task.prune, run.epochs - sparse, planned=run.epochs)
+
+
+def lightning_l1(run: Run) -> nn.Module:
+    """Lightning's ModelPruning (L1 structured over output channels, the same amount in every
+    layer but the head) at the first epoch, then fine-tuning with the masks: a reference row,
+    its MACs do not drop."""
+    net = copy.deepcopy(run.dense)
+    layers = [(mod, "weight") for mod in net.modules() if isinstance(mod, (nn.Conv2d, nn.Linear)) and mod not in run.head(net)]
+    amount = 1.0 - (1.0 / float(run.cfg.budget.factor)) ** 0.5  # in and out channels thinned alike: cost ~ (1 - amount)^2
+    run.info["amount"] = amount
+    pruning = ModelPruning("ln_structured", parameters_to_prune=layers, amount=amount, pruning_dim=0, pruning_norm=1,
+                           use_global_unstructured=False, apply_pruning=lambda epoch: epoch == 0,
+                           make_pruning_permanent=True, verbose=0)
+    net = fit(run.cfg, run.datamodule, net, run.cfg.task.prune, run.epochs, [pruning])
+    run.info["zero_output_channels"] = sum(int((mod.weight.flatten(1).abs().sum(1) == 0).sum()) for mod, _ in layers)
+    return net
+
+
+METHODS: dict[str, Callable[[Run], nn.Module]] = {
+    "bar": bar, "dirichlet": dirichlet, "random": random, "width": width,
+    "tp_l1": tp_l1, "tp_taylor": tp_taylor, "tp_groupnorm": tp_groupnorm, "lightning_l1": lightning_l1,
+}
+# rows whose network keeps its size (masks only): reported, not held to the budget
+REFERENCE = {"lightning_l1"}

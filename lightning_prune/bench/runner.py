@@ -1,0 +1,178 @@
+"""The benchmark's stages: ``dense`` (train and cache a task's dense network) and ``prune``
+(one method at one budget and seed, written to one JSON result file)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+from lightning_prune.bench.methods import METHODS, REFERENCE, Run
+from lightning_prune.bench.training import fit, latency_ratios, plain, test_accuracy
+from lightning_prune.core.cost import count_cost
+from lightning_prune.core.cost.measure import output_widths
+from lightning_prune.core.export import read_torch_file
+
+COSTS = ("macs", "params", "volume")
+
+
+class BudgetExceeded(RuntimeError):
+    """A method's network costs more than the budget: an error, not a result."""
+
+
+def bench_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.bench_dir).expanduser().resolve()
+
+
+def checkpoint_path(cfg: DictConfig) -> Path:
+    suffix = "-toy" if cfg.toy else ""
+    return bench_dir(cfg) / "checkpoints" / f"{cfg.task.name}{suffix}.pt"
+
+
+def result_path(cfg: DictConfig) -> Path:
+    factor = float(cfg.budget.factor)
+    name = f"{cfg.method.name}-{cfg.budget.cost}{factor:g}-seed{int(cfg.seed)}.json"
+    return bench_dir(cfg) / ("results-toy" if cfg.toy else "results") / cfg.task.name / name
+
+
+def command_line() -> str:
+    """The command that reproduces this job (its overrides, without launcher settings)."""
+    try:
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("hydra")]
+    except ValueError:  # not under Hydra (called from Python)
+        overrides = sys.argv[1:]
+    return " ".join(["lightning-prune-bench", *overrides])
+
+
+def git_commit() -> str:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent)
+        return done.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def toy_size(cfg: DictConfig) -> None:
+    """At toy size every recipe is cut to 1 dense epoch and 2 epochs after it (a few batches each)."""
+    if cfg.toy:
+        with open_dict(cfg):
+            cfg.task.dense.epochs = 1
+            cfg.task.prune.epochs = 2
+
+
+def _datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    overrides = {"subset": 256, "batch_size": 32, "eval_batch_size": 100} if cfg.toy else {}
+    datamodule = instantiate(cfg.task.data, **overrides)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    return datamodule
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)  # a killed job leaves no half-written result
+
+
+def _environment(cfg: DictConfig) -> dict[str, Any]:
+    return {
+        "command": command_line(), "git_commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "toy": bool(cfg.toy),
+    }
+
+
+def dense(cfg: DictConfig) -> dict[str, Any]:
+    """Train the task's dense network once (``task.dense`` recipe) and save its weights and a
+    JSON record next to it; an existing checkpoint is kept."""
+    path = checkpoint_path(cfg)
+    record = path.with_suffix(".json")
+    if path.exists() and record.exists():
+        print(f"dense network exists: {path}", flush=True)
+        return json.loads(record.read_text())
+    torch.set_num_threads(int(cfg.threads))
+    toy_size(cfg)
+    L.seed_everything(int(cfg.seed), workers=True)
+    started = time.perf_counter()
+    datamodule = _datamodule(cfg)
+    net = instantiate(cfg.task.model, num_classes=datamodule.num_classes)
+    net = fit(cfg, datamodule, net, cfg.task.dense, int(cfg.task.dense.epochs))
+    accuracy = test_accuracy(cfg, net, datamodule)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+    payload = {"task": cfg.task.name, "test_accuracy": accuracy, "epochs": int(cfg.task.dense.epochs),
+               "wall_seconds": time.perf_counter() - started, "recipe": plain(cfg.task.dense), **_environment(cfg)}
+    _write_json(record, payload)
+    print(f"dense {cfg.task.name}: {accuracy:.2f}% test accuracy, saved to {path}", flush=True)
+    return payload
+
+
+def load_dense(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
+    path = checkpoint_path(cfg)
+    if not path.exists():
+        raise FileNotFoundError(f"no dense network for task {cfg.task.name} at {path}: run `lightning-prune-bench stage=dense task={cfg.task.name}` first")
+    net = instantiate(cfg.task.model, num_classes=num_classes)
+    net.load_state_dict(read_torch_file(path, "a dense network's state_dict", prefix="dense checkpoint: "))
+    return net
+
+
+def prune(cfg: DictConfig) -> dict[str, Any]:
+    """One run: the method on a copy of the dense network, scored on the test set, measured on
+    the exported network; skipped when its result file exists."""
+    path = result_path(cfg)
+    if path.exists():
+        print(f"done already: {path}", flush=True)
+        return json.loads(path.read_text())
+    name = cfg.method.name
+    if name not in METHODS:
+        raise ValueError(f"method: unknown method {name!r}; the methods are {', '.join(METHODS)}")
+    if cfg.budget.cost not in COSTS:
+        raise ValueError(f"budget.cost must be one of {COSTS}, got {cfg.budget.cost!r}")
+    factor = float(cfg.budget.factor)
+    if factor < 1:
+        raise ValueError(f"budget.factor must be >= 1, got {factor}")
+    torch.set_num_threads(int(cfg.threads))
+    toy_size(cfg)
+    L.seed_everything(int(cfg.seed), workers=True)
+    started = time.perf_counter()
+    datamodule = _datamodule(cfg)
+    dense_net = load_dense(cfg, datamodule.num_classes).eval()
+    example = torch.zeros(1, *datamodule.input_shape)
+    full = count_cost(dense_net, example)
+    run = Run(cfg, datamodule, dense_net, example, full[cfg.budget.cost] / factor)
+    net = METHODS[name](run).eval()
+    cost = count_cost(net, example)
+    reference = name in REFERENCE
+    if cost[cfg.budget.cost] > run.target and not reference:
+        raise BudgetExceeded(f"{name}: the exported network costs {cfg.budget.cost} {cost[cfg.budget.cost]:,}, over the budget {run.target:,.0f}")
+    payload = {
+        "task": cfg.task.name, "method": name, "cost": cfg.budget.cost, "factor": factor, "seed": int(cfg.seed),
+        "test_accuracy": test_accuracy(cfg, net, datamodule),
+        "dense_test_accuracy": test_accuracy(cfg, dense_net, datamodule),
+        "macs": cost.macs, "params": cost.params, "volume": cost.volume, "budget": run.target,
+        "full": {"macs": full.macs, "params": full.params, "volume": full.volume},
+        "widths": output_widths(net), "epochs": run.epochs, "reference": reference,
+        "latency_ratio": latency_ratios(dense_net, net, datamodule.input_shape, bool(cfg.toy)),
+        "method_config": plain(cfg.method), "info": run.info,
+        "wall_seconds": time.perf_counter() - started, **_environment(cfg),
+    }
+    _write_json(path, payload)
+    print(f"{cfg.task.name} {name} {cfg.budget.cost}/{factor:g} seed {int(cfg.seed)}: {payload['test_accuracy']:.2f}% "
+          f"at {cost[cfg.budget.cost]:,} {cfg.budget.cost} (budget {run.target:,.0f}) -> {path}", flush=True)
+    return payload

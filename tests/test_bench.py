@@ -1,0 +1,86 @@
+"""The benchmark runner at toy size: every method on both tasks writes a valid result file,
+finished runs are skipped, a network over its budget is an error, and the report turns a folder
+of result files into the same tables every time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+from lightning_prune.bench import METHODS, BudgetExceeded, dense, prune, report, result_path
+from lightning_prune.bench import methods as bench_methods
+from lightning_prune.configs import config_dir
+
+TASKS = ("lenet5_mnist", "resnet20_cifar10")
+
+
+def bench_cfg(folder: Path, *overrides: str) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir("bench")), version_base="1.3"):
+        return compose("bench", overrides=["toy=true", f"bench_dir={folder}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """A benchmarks folder with the toy dense networks of both tasks."""
+    out = tmp_path_factory.mktemp("bench")
+    for task in TASKS:
+        record = dense(bench_cfg(out, "stage=dense", f"task={task}"))
+        assert record["epochs"] == 1 and (out / "checkpoints" / f"{task}-toy.pt").is_file()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_writes_a_valid_result_file(folder: Path, task: str, method: str) -> None:
+    extra = ["method.iterative_steps=40"] if method.startswith("tp_") else []
+    cfg = bench_cfg(folder, f"task={task}", f"method={method}", "budget.factor=4", *extra)
+    result = prune(cfg)
+    path = result_path(cfg)
+    assert json.loads(path.read_text()) == result
+    assert result["task"] == task and result["method"] == method and result["factor"] == 4.0 and result["seed"] == 0
+    assert 0.0 <= result["test_accuracy"] <= 100.0 and result["epochs"] == 2
+    full = result["full"]["macs"]
+    if method == "lightning_l1":  # masks only: a reference row, as large as the dense network
+        assert result["reference"] and result["macs"] == full
+    else:  # counted on the exported, physically smaller network
+        assert not result["reference"] and result["macs"] <= result["budget"] == pytest.approx(full / 4)
+    for key in ("params", "volume", "widths", "latency_ratio", "command", "git_commit", "date", "torch", "threads", "wall_seconds"):
+        assert key in result
+    assert set(result["latency_ratio"]) == {"batch1", "batch256"}
+    assert result["command"].startswith("lightning-prune-bench")
+
+
+def test_a_finished_run_is_skipped_and_over_budget_is_an_error(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = bench_cfg(folder, "task=lenet5_mnist", "method=random", "budget.factor=2", "seed=7")
+    first = prune(cfg)
+    stamp = result_path(cfg).stat().st_mtime_ns
+    monkeypatch.setitem(METHODS, "random", lambda run: pytest.fail("a finished run ran again"))
+    assert prune(cfg) == first and result_path(cfg).stat().st_mtime_ns == stamp
+    monkeypatch.setitem(METHODS, "random", lambda run: run.dense)  # the dense network: over any budget
+    over = bench_cfg(folder, "task=lenet5_mnist", "method=random", "budget.factor=2", "seed=8")
+    with pytest.raises(BudgetExceeded, match="over the budget"):
+        prune(over)
+    assert not result_path(over).exists()
+    with pytest.raises(FileNotFoundError, match="stage=dense task=lenet5_mnist"):
+        prune(bench_cfg(folder / "empty", "task=lenet5_mnist", "method=random"))
+    with pytest.raises(ValueError, match="budget.cost must be one of"):
+        prune(bench_cfg(folder, "task=lenet5_mnist", "method=random", "budget.cost=flops"))
+
+
+def test_the_report_is_the_same_every_time(folder: Path) -> None:
+    for method in ("random", "width"):
+        for seed in (0, 1):
+            prune(bench_cfg(folder, "task=lenet5_mnist", f"method={method}", "budget.factor=3", f"seed={seed}"))
+    first = report(folder, "results-toy")
+    text = (folder / "RESULTS.md").read_text()
+    assert report(folder, "results-toy") == first and (folder / "RESULTS.md").read_text() == text
+    assert text.count("<!-- bench:begin") == 1 and "| random | 2 |" in text and "| width | 2 |" in text
+    assert "±" in text and (folder / "bench_lenet5_mnist.png").stat().st_size > 0
