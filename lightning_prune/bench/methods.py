@@ -112,6 +112,43 @@ def width(run: Run) -> nn.Module:
     return fit(run.cfg, run.datamodule, build(low), dense, epochs, planned=int(dense.epochs))
 
 
+def _held_out(run: Run, n: int) -> tuple[Tensor, Tensor]:
+    """``n`` images the search may score on: the validation split, else the first training
+    images in a fixed order (never the test set)."""
+    dm = run.datamodule
+    dataset = dm.val_set if dm.val_set is not None and len(dm.val_set) > 0 else dm.train_set
+    xs, ys = zip(*(dataset[i] for i in range(min(n, len(dataset)))))
+    return torch.stack(xs), torch.as_tensor(ys)
+
+
+def adans(run: Run) -> nn.Module:
+    """AdaNS-Gaussian (Javaheripi et al., IEEE JSTSP 2020) over per-layer keep fractions
+    (structured pruning), every candidate repaired to the budget and scored on held-out images
+    without training; the best candidate is built and fine-tuned for all the epochs."""
+    from lightning_prune.search import CompressionSearch, CompressionSpace
+
+    m = run.cfg.method
+    net = copy.deepcopy(run.dense).eval()
+    space = CompressionSpace(net, run.example, "structured", run.cost)
+    eval_size, rank_size = (64, 64) if run.cfg.toy else (int(m.eval_size), int(m.rank_size))
+    inputs, targets = _held_out(run, eval_size + rank_size)
+    batch = 100
+    space.rank_channels([(inputs[eval_size + i : eval_size + i + batch], targets[eval_size + i : eval_size + i + batch])
+                         for i in range(0, rank_size, batch)])
+    reference = space.accuracy(space.search_space.identity, inputs[:eval_size], targets[:eval_size])
+    search = CompressionSearch(
+        space.search_space, sampler=m.sampler, batch_size=4 if run.cfg.toy else int(m.batch_size),
+        iterations=2 if run.cfg.toy else int(m.iterations), threshold=reference - float(m.max_drop),
+        boundary_steps=None if run.cfg.toy else int(m.boundary_steps), seed=int(run.cfg.seed),
+        budget=1.0 / float(run.cfg.budget.factor),
+    )
+    best = search.run(lambda xs: [{"accuracy": space.accuracy(x, inputs[:eval_size], targets[:eval_size]),
+                                   "cost": float(space.predict_cost(x))} for x in xs])
+    run.info.update(search_reference_accuracy=reference, search_best=best, evaluations=len(search.log))
+    compressed = space.compress(best["x"])
+    return fit(run.cfg, run.datamodule, compressed, run.cfg.task.prune, run.epochs)
+
+
 # -- Torch-Pruning's pruners, through its public API ----------------------------------------------
 
 class _TaylorGradients:
@@ -203,7 +240,7 @@ def lightning_l1(run: Run) -> nn.Module:
 
 
 METHODS: dict[str, Callable[[Run], nn.Module]] = {
-    "bar": bar, "dirichlet": dirichlet, "random": random, "width": width,
+    "bar": bar, "dirichlet": dirichlet, "adans": adans, "random": random, "width": width,
     "tp_l1": tp_l1, "tp_taylor": tp_taylor, "tp_groupnorm": tp_groupnorm, "lightning_l1": lightning_l1,
 }
 # rows whose network keeps its size (masks only): reported, not held to the budget

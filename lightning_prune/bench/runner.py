@@ -21,11 +21,10 @@ from omegaconf import DictConfig, open_dict
 
 from lightning_prune.bench.methods import METHODS, REFERENCE, Run
 from lightning_prune.bench.training import fit, latency_ratios, plain, test_accuracy
-from lightning_prune.core.cost import count_cost
+from lightning_prune.core.cost import COSTS, count_cost
 from lightning_prune.core.cost.measure import output_widths
 from lightning_prune.core.export import read_torch_file
 
-COSTS = ("macs", "params", "volume")
 
 
 class BudgetExceeded(RuntimeError):
