@@ -6,6 +6,13 @@ the dense and shrunk forward passes (eval mode, no grad) are timed at batch 1 an
 Reported: MAC ratio dense / shrunk (``count_cost`` on the shrunk model, which equals the
 cost model's exact count) against the latency ratio dense / shrunk (medians).
 
+Mixed rows (ResNet-20): mixed-connectivity residual blocks (``build_graph(...,
+residual="mixed")``; Lemaire, Achkar and Jodoin, CVPR 2019, supplementary material,
+Algorithm 1) pruned to the MACs of the tied row above them (random channel scores, greedy
+``fit_budget``): the branches compute their alive channels only and are scattered into the
+stream (a zero tensor and an ``index_copy_``), or removed. Same MACs, so the latency ratios
+say what the scatter costs.
+
 Timing: ``torch.set_num_threads(--threads)``; warm-up runs, then ``--repeats`` rounds in which
 every variant of a model/batch is timed once, interleaved, so that load from other
 processes affects all variants alike; median per variant, and the relative spread
@@ -29,9 +36,12 @@ import time
 import torch
 
 from lightning_prune import build_graph, count_cost, random_masks, shrink
+from lightning_prune.core.allocation import fit_budget
+from lightning_prune.core.cost import CostModel
 from lightning_prune.models import CifarResNet, CifarVGG
 
 MODELS = {"ResNet-20": lambda: CifarResNet(20), "VGG-16": lambda: CifarVGG()}
+MIXED = ("ResNet-20",)  # models that also get a mixed-connectivity row at the same MACs
 MASKED = (0.5, 0.75)  # fraction of each group's channels removed
 BATCHES = (1, 256)
 
@@ -83,6 +93,15 @@ def main(argv: list[str] | None = None) -> None:
             small = copy.deepcopy(dense)
             shrink(small, masks, graph=graph)
             variants[f"{int(fraction * 100)}%"] = (small.eval(), count_cost(small, example))
+            if model_name in MIXED:  # mixed blocks at the MACs of the tied variant
+                mixed_graph = build_graph(dense, example, residual="mixed")
+                scores_gen = torch.Generator().manual_seed(args.seed)
+                scores = {n: torch.rand(g.size, generator=scores_gen) + 0.05 for n, g in mixed_graph.groups.items()}
+                target = variants[f"{int(fraction * 100)}%"][1].macs
+                mixed_masks = fit_budget(CostModel(mixed_graph), "macs", target, scores).masks
+                mixed = copy.deepcopy(dense)
+                shrink(mixed, mixed_masks, graph=mixed_graph)
+                variants[f"{int(fraction * 100)}% mixed"] = (mixed.eval(), count_cost(mixed, example))
         for batch in BATCHES:
             x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed))
             times: dict[str, list[float]] = {name: [] for name in variants}
@@ -126,7 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"- 1-minute load average: {load_before:.1f} before, {load_after:.1f} after (other jobs share the CPU)")
     print(
         "- masks: random, the same fraction of channels removed from every prunable group "
-        "(heads kept); MACs per image measured with `count_cost` on the shrunk network\n"
+        "(heads kept); MACs per image measured with `count_cost` on the shrunk network; "
+        "`mixed`: mixed-connectivity residual blocks pruned to the MACs of the tied row above "
+        "(random scores, `fit_budget`)\n"
     )
     print("| model | batch | channels removed | MACs dense | MACs shrunk | MAC ratio | ms dense | ms shrunk | latency ratio | spread |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -3,7 +3,8 @@
 - no import cycle between the modules of ``lightning_prune`` (module-level and function-level
   imports alike, so that a local import cannot hide one);
 - the core (``lightning_prune/core/``) never imports Lightning;
-- only ``core/trace.py`` and ``core/surgery.py`` import Torch-Pruning, and nothing uses a
+- only ``core/trace.py``, ``core/surgery.py`` (and the benchmark's peers, ``bench/methods.py``)
+  import Torch-Pruning, and nothing uses a
   private (``_``-prefixed) Torch-Pruning name.
 """
 
@@ -18,7 +19,9 @@ import pytest
 
 PACKAGE = "lightning_prune"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
-TORCH_PRUNING_IMPORTERS = {f"{PACKAGE}.core.trace", f"{PACKAGE}.core.surgery"}
+# The builder and surgery are where lightning-prune itself uses Torch-Pruning; the benchmark's
+# methods run Torch-Pruning's own pruners as the peers we compare against (public API only).
+TORCH_PRUNING_IMPORTERS = {f"{PACKAGE}.core.trace", f"{PACKAGE}.core.surgery", f"{PACKAGE}.bench.methods"}
 
 
 def _module_name(path: Path) -> str:

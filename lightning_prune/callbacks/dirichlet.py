@@ -103,6 +103,9 @@ class DirichletImportance(GatedPruning):
         init: initial Dirichlet concentration of every switch (uniform, so the identity).
         allocation: ``"share"`` or ``"score"``: how channels of different groups are compared
             when choosing the widths under the budget (above).
+        residual: ``"tied"`` (default) or ``"mixed"`` residual blocks (see
+            :func:`lightning_prune.core.trace.build_graph`): with ``"mixed"`` each residual
+            branch has its own switch and the allocation may remove a branch entirely.
     """
 
     ALLOCATIONS = DirichletSwitches.ALLOCATIONS
@@ -124,13 +127,14 @@ class DirichletImportance(GatedPruning):
         init: float = 1.0,
         allocation: str = "share",
         gate_lr: float = 0.1,
+        residual: str = "tied",
         module: str | None = None,
         example_input: Any = None,
         ignore: Sequence[str] = (),
         verbose: bool = True,
     ) -> None:
         self._method_args = {"alpha0": alpha0, "estimator": estimator, "init": init, "allocation": allocation,
-                             "gate_lr": gate_lr, "kl_scale": kl_weight}
+                             "gate_lr": gate_lr, "kl_scale": kl_weight, "residual": residual}
         super().__init__(budget=budget, factor=factor, cost=cost, module=module, example_input=example_input,
                          ignore=ignore, verbose=verbose)
         self.samples = check_int("samples", samples, minimum=1)

@@ -106,6 +106,11 @@ class HardPruning(Callback):
                 "dropped the least open per unit of cost: " + ", ".join(f"{n}: {len(d)}" for n, d in dropped.items())
             )
         cost = session.cost_model.exact(masks, session.cost)
+        graph = session.graph
+        checked = graph.check_masks(masks)
+        effective = graph.effective_masks(checked)  # a branch channel adding into a removed stream channel is gone too
+        gone = graph.removed_layers(checked)  # the layers of residual branches that keep no channel
+        removed = [n for n, g in graph.groups.items() if gone and set(g.layers) <= gone]
         before = session.measure()
         session.harden(masks, shrink=self.shrink, optimizers=trainer.optimizers)
         rewrap_ddp(trainer)  # the learned gates (and the removed channels) are gone
@@ -113,9 +118,10 @@ class HardPruning(Callback):
         self.pruned_at = session.pruned_at = trainer.current_epoch
         budget = session.budget
         widths_before = {n: int(m.numel()) for n, m in masks.items()}
-        widths_after = {n: int(m.sum()) for n, m in masks.items()}
+        widths_after = {n: 0 if n in removed else int(effective[n].sum()) for n in masks}
         self.summary = {
             "table": layer_table(before.cost, after.cost, before.widths, after.widths),
+            "removed": list(removed),
             "line": f"{session.cost} {cost:,} <= budget {budget.target:,.0f} ({100 * cost / budget.full:.1f}% of {budget.full:,.0f})",
             "widths_before": widths_before,
             "widths_after": widths_after,
@@ -124,7 +130,7 @@ class HardPruning(Callback):
         if self.verbose:
             rank_zero_info(
                 f"HardPruning at epoch {self.pruned_at}: {self.summary['line']}; channels per group: "
-                + ", ".join(f"{n} {widths_before[n]}->{widths_after[n]}" for n in widths_before)
+                + ", ".join(f"{n} {widths_before[n]}->{'removed' if n in removed else widths_after[n]}" for n in widths_before)
             )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -148,7 +154,7 @@ class HardPruning(Callback):
             log_dir = Path(trainer.log_dir or trainer.default_root_dir)
             path = plot_alive_channels(
                 self.summary["widths_before"], self.summary["widths_after"], log_dir / "alive_channels.png",
-                title=self.summary["title"],
+                title=self.summary["title"], removed=self.summary["removed"],
             )
             rank_zero_info(f"HardPruning: channels per group before and after saved to {path}")
 

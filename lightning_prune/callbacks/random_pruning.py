@@ -28,6 +28,9 @@ class RandomPruning(GatedPruning):
             :class:`~lightning_prune.callbacks.gated.GatedPruning`.
         seed: seed of the random order (independent of the global RNG, so a resumed run
             drops the same channels).
+        residual: ``"tied"`` (default) or ``"mixed"`` residual blocks (see
+            :func:`lightning_prune.core.trace.build_graph`): with ``"mixed"`` the random
+            choice may remove a residual branch entirely.
     """
 
     def __init__(
@@ -37,12 +40,14 @@ class RandomPruning(GatedPruning):
         factor: float | None = None,
         cost: str = "volume",
         seed: int = 0,
+        residual: str = "tied",
         module: str | None = None,
         example_input: Any = None,
         ignore: Sequence[str] = (),
         verbose: bool = True,
     ) -> None:
         self._seed = seed
+        self._residual = residual
         super().__init__(budget=budget, factor=factor, cost=cost, module=module, example_input=example_input,
                          ignore=ignore, verbose=verbose)
 
@@ -51,4 +56,4 @@ class RandomPruning(GatedPruning):
         return self.method.seed
 
     def make_method(self) -> RandomChoice:
-        return RandomChoice(self._seed)
+        return RandomChoice(self._seed, residual=self._residual)

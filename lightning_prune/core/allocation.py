@@ -9,7 +9,7 @@ probabilities, Dirichlet posterior means scaled by the group size).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -28,11 +28,14 @@ class Allocation:
 
 
 def minimum_cost(cost_model: CostModel, cost: str) -> int:
-    """Cost of the network keeping one channel (the first) of every group: the floor of any budget."""
+    """Cost of the network keeping one channel (the first) of every group, and none of the
+    branch groups of mixed-connectivity residual blocks (every such branch removed): the floor
+    of any budget."""
     one = {}
+    branches = set(cost_model.graph.branch_names)
     for name, size in zip(cost_model.names, cost_model.sizes):
         mask = torch.zeros(size, dtype=torch.bool)
-        mask[0] = True
+        mask[0] = name not in branches
         one[name] = mask
     return cost_model.exact(one, cost)
 
@@ -53,7 +56,9 @@ def fit_budget(
         target: the budget, in units of ``cost`` per sample.
         scores: ``{group: (size,) tensor}``, higher = more important (groups missing: never dropped).
         masks: starting keep-masks (default: keep everything). A group that keeps no channel
-            gets back its highest-scoring channel: every group keeps at least one.
+            gets back its highest-scoring channel: every group keeps at least one, except the
+            branch groups of mixed-connectivity residual blocks, which may keep none (the
+            branch is removed; its marginal cost then includes every layer of the branch).
         relative: value a channel by the share of its group's *kept* score it holds: dropping
             it costs ``log(kept) - log(kept - score)`` (scores must be > 0). The greedy then
             maximises the sum over groups of the log of the kept score under the budget, so a
@@ -62,7 +67,7 @@ def fit_budget(
 
     Each step drops the kept channel with the lowest ``score / marginal cost`` (the marginal
     cost is re-evaluated as the network shrinks, since MACs and parameters are bilinear in
-    the widths of adjacent layers), never the last channel of a group.
+    the widths of adjacent layers), never the last channel of a group (but the last of a branch group).
 
     Raises:
         ValueError: the target cannot be met even with one channel per group.
@@ -73,8 +78,9 @@ def fit_budget(
     score = {name: torch.as_tensor(s, dtype=torch.float64).detach().cpu() for name, s in scores.items()}
     if relative and any(bool((s <= 0).any()) for s in score.values()):
         raise ValueError("scores must be > 0 with relative=True (they are shares of each group's total)")
+    branches = set(cost_model.graph.branch_names)
     for name, mask in keep.items():
-        if not bool(mask.any()):
+        if not bool(mask.any()) and name not in branches:
             best = int(torch.argmax(score[name])) if name in score else 0
             mask[best] = True
     dropped: dict[str, list[int]] = {}
@@ -89,7 +95,7 @@ def fit_budget(
         best_name, best_idx, best_ratio = None, -1, float("inf")
         for name, s in score.items():
             mask = keep[name]
-            if int(mask.sum()) <= 1:
+            if int(mask.sum()) <= (0 if name in branches else 1):
                 continue
             w = weights[name].clamp_min(1e-12)
             if relative:
@@ -102,6 +108,7 @@ def fit_budget(
         if best_name is None:
             raise ValueError(
                 f"budget: a {cost} of {target:,.0f} cannot be reached; with one channel per group the network still costs {current:,}"
+                + (" (and every residual branch removed)" if branches else "")
             )
         keep[best_name][best_idx] = False
         dropped.setdefault(best_name, []).append(best_idx)
@@ -110,15 +117,18 @@ def fit_budget(
     return Allocation(masks=keep, cost=current, dropped={k: sorted(v) for k, v in dropped.items()})
 
 
-def top_k_masks(scores: Mapping[str, Tensor], widths: Mapping[str, int]) -> dict[str, Tensor]:
-    """Keep the ``widths[group]`` highest-scoring channels of each listed group."""
+def top_k_masks(scores: Mapping[str, Tensor], widths: Mapping[str, int], may_empty: Iterable[str] = ()) -> dict[str, Tensor]:
+    """Keep the ``widths[group]`` highest-scoring channels of each listed group (0 allowed for
+    the groups in ``may_empty``: the branch groups of mixed-connectivity residual blocks)."""
     masks = {}
+    may_empty = set(may_empty)
     for name, k in widths.items():
         if name not in scores:
             raise ValueError(f"widths: unknown channel group {name!r}; groups: {', '.join(scores)}")
         s = torch.as_tensor(scores[name]).detach().cpu()
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= s.numel():
-            raise ValueError(f"widths[{name!r}] must be an int from 1 to {s.numel()}, got {k!r}")
+        low = 0 if name in may_empty else 1
+        if isinstance(k, bool) or not isinstance(k, int) or not low <= k <= s.numel():
+            raise ValueError(f"widths[{name!r}] must be an int from {low} to {s.numel()}, got {k!r}")
         mask = torch.zeros(s.numel(), dtype=torch.bool)
         mask[torch.topk(s, k).indices] = True
         masks[name] = mask

@@ -239,7 +239,8 @@ class Budget:
         if floor > budget.target:
             raise ValueError(
                 f"budget: {fraction:.4g} of the full {cost} ({full:,.0f}) is {budget.target:,.0f}, "
-                f"below the {floor:,} that remains with one channel per prunable group; raise the budget"
+                f"below the {floor:,} that remains with one channel per prunable group (and every removable "
+                "residual branch removed); raise the budget"
             )
         return budget
 
@@ -261,7 +262,8 @@ class Budget:
         if self.schedule is None:
             return self.target
         transition = self.schedule(t)
-        return max(self.target, (1.0 - transition) * self.start_factor * self.full + transition * self.target)
+        start = self.start_factor * self.full
+        return max(self.target, (1.0 - transition) * start + transition * self.target)
 
     def barrier(self, cost: float, t: float, margin: float, cap: float = 1e3) -> BarrierValue:
         """The barrier ``f(V, a, b)`` with ``a = (1 - margin) * target`` and ``b`` the current budget."""

@@ -20,6 +20,11 @@ How the gates act (forward hooks, removed again by :meth:`GateSet.detach`):
   is multiplied channel-wise by its groups' values; a layer read by several groups (a batch
   norm after a concatenation) gets each group's values at that group's positions. With 0/1
   gates in eval mode the gated network computes exactly what the shrunk network computes.
+- mixed-connectivity residual blocks: a branch's last layer is multiplied by its own gate
+  *and* by the gate of the stream channel each of its channels adds into (Lemaire, Achkar and
+  Jodoin, CVPR 2019, supplementary material, Algorithm 1: a branch channel whose stream
+  channel is removed contributes nothing), so that ``z_branch * z_stream`` scales the delta
+  that the block adds to the stream.
 """
 
 from __future__ import annotations
@@ -27,12 +32,14 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 
 from lightning_prune.core.gates import ChannelGate
 from lightning_prune.core.graph import ChannelGraph, ChannelGroup
+from lightning_prune.core.residual import is_scattered
 
 __all__ = ["GateSet", "attach_gates", "attached_gates", "masks_in_state_dict"]
 
@@ -140,7 +147,7 @@ class GateSet(nn.Module):
 
     def _install(self, model: nn.Module, graph: ChannelGraph) -> None:
         modules = dict(model.named_modules())
-        sites: dict[str, list[tuple[str, Tensor, Tensor, bool]]] = {}
+        sites: dict[str, list[tuple[str, Tensor, Tensor, bool, bool]]] = {}
         for name in self.group_names:
             group = graph.groups[name]
             for member in group.members:
@@ -149,7 +156,19 @@ class GateSet(nn.Module):
                     ident = ident and graph.layers[member.module].out_channels == group.size
                     pos = torch.tensor(member.positions, dtype=torch.long)
                     chan = torch.tensor(member.channels, dtype=torch.long)
-                    sites.setdefault(member.module, []).append((name, pos, chan, ident))
+                    sites.setdefault(member.module, []).append((name, pos, chan, ident, group.is_branch))
+        # Mixed-connectivity residual blocks: a branch's output is also multiplied by the gates of
+        # the stream channels it adds into (a branch channel whose stream channel is removed
+        # contributes nothing), whether or not the branch itself is gated.
+        for group in graph.groups.values():
+            if not group.is_branch or group.stream not in self.group_names:
+                continue
+            into = torch.tensor(group.into, dtype=torch.long)
+            for member in group.members:
+                if member.module in group.gate_sites and member.role != "in":
+                    pos = torch.tensor(member.positions, dtype=torch.long)
+                    chan = into[torch.tensor(member.channels, dtype=torch.long)]
+                    sites.setdefault(member.module, []).append((group.stream, pos, chan, False, True))
         if not sites:
             return
         ordered = [m for m in graph.execution_order if m in sites]
@@ -162,8 +181,12 @@ class GateSet(nn.Module):
 
         self._handles.append(modules[first].register_forward_pre_hook(resample))
         for module_name, entries in sites.items():
-            layer = graph.layers[module_name]
-            self._handles.append(modules[module_name].register_forward_hook(self._make_hook(layer, entries)))
+            layer, module = graph.layers[module_name], modules[module_name]
+            if is_scattered(module):  # a shrunk branch's last layer: its output is in stream positions
+                index = module.scatter_index.cpu()
+                entries = [(n, index[pos], chan, False, multiply) for n, pos, chan, _, multiply in entries]
+                layer = replace(layer, out_channels=module.scatter_width)
+            self._handles.append(module.register_forward_hook(self._make_hook(layer, entries)))
 
     def _make_hook(self, layer, entries) -> Callable:
         channels = layer.out_channels
@@ -177,10 +200,11 @@ class GateSet(nn.Module):
             else:
                 ref = values[entries[0][0]]
                 if ref.device not in on_device:
-                    on_device[ref.device] = [(pos.to(ref.device), chan.to(ref.device)) for _, pos, chan, _ in entries]
+                    on_device[ref.device] = [(pos.to(ref.device), chan.to(ref.device)) for _, pos, chan, _, _ in entries]
                 mult = torch.ones(channels, dtype=ref.dtype, device=ref.device)
-                for (name, *_), (pos, chan) in zip(entries, on_device[ref.device]):
-                    mult = mult.index_put((pos,), values[name][chan])
+                for (name, *_, multiply), (pos, chan) in zip(entries, on_device[ref.device]):
+                    value = values[name][chan]
+                    mult = mult.index_put((pos,), mult[pos] * value if multiply else value)
             shape = [1] * out.dim()
             shape[channel_dim] = channels
             return out * mult.to(device=out.device, dtype=out.dtype).view(shape)

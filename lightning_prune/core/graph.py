@@ -16,6 +16,9 @@ Torch-Pruning); this module has no Torch-Pruning import:
   needs to count MACs, parameters and activation volume exactly.
 - ``gate_sites`` per group: the layers whose *outputs* a gate must multiply so that a hard
   0/1 gate is equivalent to removing the channel (see :class:`ChannelGroup`).
+- with ``residual="mixed"``, *branch groups*: the last layer of each residual branch, whose
+  channels add into a stream group's (see :class:`ChannelGroup` and
+  :meth:`ChannelGraph.effective_masks`).
 
 Which groups are prunable, which are excluded (``ChannelGraph.excluded``) and which modules
 the trace never reached (``ChannelGraph.unreached``) is decided by the builder: see
@@ -25,7 +28,7 @@ the trace never reached (``ChannelGraph.unreached``) is decided by the builder: 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -43,10 +46,12 @@ __all__ = [
     "layer_sizes",
     "COSTS",
     "ROLES",
+    "RESIDUAL_MODES",
 ]
 
 ROLES = ("out", "in", "channel")
 COSTS = ("volume", "macs", "params")
+RESIDUAL_MODES = ("tied", "mixed")
 
 
 @dataclass(frozen=True)
@@ -84,12 +89,30 @@ class ChannelGroup:
     soft gate scales a channel once, and with hard 0/1 gates, as long as the parameter-free
     operations map 0 to 0 (ReLU, pooling, addition, concatenation, flatten, dropout), the
     gated network computes exactly what the shrunk network computes.
+
+    A *branch group* (``stream`` set; graphs built with ``residual="mixed"``) holds the last
+    layer of a residual branch (its producer and the channel-wise layers after it, e.g. a
+    block's ``conv2`` and ``bn2``), whose output a residual addition adds into the ``stream``
+    group: channel ``i`` of the branch is added into channel ``into[i]`` of the stream. A
+    branch channel is *effectively* kept when it is kept and its stream channel is kept too
+    (:meth:`ChannelGraph.effective_masks`); a branch that keeps no channel is removed with all
+    of its layers, ``branch_layers`` (the block becomes the identity, or the projection).
+    ``branch_output`` is the branch's last layer, whose output is added to the stream.
     """
 
     name: str
     size: int
     members: tuple[Member, ...]
     gate_sites: tuple[str, ...]
+    stream: str | None = None
+    into: tuple[int, ...] = ()
+    branch_output: str | None = None
+    branch_layers: tuple[str, ...] = ()
+
+    @property
+    def is_branch(self) -> bool:
+        """Whether this is the branch group of a mixed-connectivity residual block."""
+        return self.stream is not None
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -177,6 +200,12 @@ class ChannelGraph:
         unreached: modules with parameters that the example's forward did not reach (all of
             them in ``ignore=``); no group knows which channels they read (see
             :mod:`lightning_prune.core.trace`).
+        residual: ``"tied"`` (a residual stream and every branch adding into it are one
+            group) or ``"mixed"`` (each branch's last layer is a group of its own, see
+            :class:`ChannelGroup`).
+        zero_outputs: ``{module name: stream group}`` of the removed branches' last layers
+            (:class:`lightning_prune.core.residual.RemovedLayer`), which return zeros with
+            as many channels as their stream group has.
     """
 
     groups: dict[str, ChannelGroup]
@@ -189,6 +218,8 @@ class ChannelGraph:
     execution_order: tuple[str, ...] = ()
     model_name: str = ""
     unreached: tuple[str, ...] = ()
+    residual: str = "tied"
+    zero_outputs: dict[str, str] = field(default_factory=dict)
 
     # -- container protocol -------------------------------------------------------------
     def __len__(self) -> int:
@@ -231,7 +262,8 @@ class ChannelGraph:
         """Validate keep-masks and return ``{name: bool tensor (size,)}`` for *every* group
         (groups not in ``masks`` keep all their channels). Entries may be bool tensors,
         0/1 tensors or sequences of bools. ``allow_empty=False`` rejects a mask that keeps no
-        channel of a group (a layer with zero channels cannot be built)."""
+        channel of a group (a layer with zero channels cannot be built), except for the branch
+        groups of mixed-connectivity residual blocks (the branch is then removed)."""
         if not isinstance(masks, Mapping):
             raise TypeError(f"{argument} must be a mapping from group name to a boolean mask, got {type(masks).__name__}")
         out = self.full_masks()
@@ -247,22 +279,54 @@ class ChannelGraph:
             size = self.groups[name].size
             if m.shape != (size,):
                 raise ValueError(f"{argument}[{name!r}] must have shape ({size},), got {tuple(m.shape)}")
-            if not allow_empty and not bool(m.any()):
+            if not allow_empty and not bool(m.any()) and not self.groups[name].is_branch:
                 raise ValueError(
                     f"{argument}[{name!r}] keeps no channel of group {name!r}; keep at least one channel of every group"
+                    + (" (only the branch groups of mixed residual blocks may be emptied)" if self.residual == "mixed" else "")
                 )
             out[name] = m
         return out
 
+    # -- mixed-connectivity residual blocks --------------------------------------------------
+    @property
+    def branch_names(self) -> tuple[str, ...]:
+        """Names of the branch groups (mixed-connectivity residual blocks; none when tied)."""
+        return tuple(name for name, g in self.groups.items() if g.is_branch)
+
+    def effective_masks(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """For checked full masks: the same masks with each branch channel kept only where its
+        stream channel is kept too (a branch channel adding into a removed stream channel
+        contributes nothing and is not computed). Without branch groups: ``masks`` as they are."""
+        out = dict(masks)
+        for name, group in self.groups.items():
+            if group.is_branch:
+                out[name] = masks[name] & masks[group.stream][torch.tensor(group.into, dtype=torch.long)]
+        return out
+
+    def removed_branches(self, masks: Mapping[str, Tensor]) -> tuple[str, ...]:
+        """Branch groups that keep no channel under the checked full ``masks`` (their branch
+        is removed)."""
+        effective = self.effective_masks(masks)
+        return tuple(name for name in self.branch_names if not bool(effective[name].any()))
+
+    def removed_layers(self, masks: Mapping[str, Tensor]) -> set[str]:
+        """Layers that checked full ``masks`` remove entirely: every layer of the removed branches."""
+        return {layer for name in self.removed_branches(masks) for layer in self.groups[name].branch_layers}
+
     def removed_positions(self, masks: Mapping[str, Tensor]) -> dict[tuple[str, str], list[int]]:
         """``{(module, dim): sorted removed indices}`` with ``dim`` one of ``"out"``, ``"in"``,
-        ``"channel"``, for already checked full masks."""
+        ``"channel"``, for already checked full masks (layers removed entirely,
+        :meth:`removed_layers`, are left out)."""
+        effective = self.effective_masks(masks)
+        gone = self.removed_layers(masks) if self.branch_names else set()
         removed: dict[tuple[str, str], set[int]] = {}
         for name, group in self.groups.items():
-            if bool(masks[name].all()):
+            if bool(effective[name].all()):
                 continue
-            keep = masks[name].tolist()
+            keep = effective[name].tolist()
             for member in group.members:
+                if member.module in gone:
+                    continue
                 pos = [p for p, c in zip(member.positions, member.channels) if not keep[c]]
                 if pos:
                     removed.setdefault((member.module, member.role), set()).update(pos)
@@ -270,8 +334,11 @@ class ChannelGraph:
 
     def shrunk(self, masks: Mapping[str, Any]) -> ChannelGraph:
         """The graph of the model after removing the channels that ``masks`` drop (no tracing:
-        positions and channels are renumbered, layer sizes reduced)."""
+        positions and channels are renumbered, layer sizes reduced; removed branches and
+        their layers are dropped)."""
         masks = self.check_masks(masks)
+        effective = self.effective_masks(masks)
+        gone = self.removed_layers(masks) if self.branch_names else set()
         removed = self.removed_positions(masks)
         renumber: dict[tuple[str, str], list[int]] = {}
         for (module, role), pos in removed.items():
@@ -280,21 +347,31 @@ class ChannelGraph:
             keep = torch.ones(n, dtype=torch.bool)
             keep[pos] = False
             renumber[(module, role)] = (torch.cumsum(keep.long(), 0) - 1).tolist()
+        new_channels = {name: (torch.cumsum(m.long(), 0) - 1).tolist() for name, m in effective.items()}
         groups = {}
         for name, group in self.groups.items():
-            if bool(masks[name].all()):
+            members_left = [m for m in group.members if m.module not in gone]
+            if not members_left or (group.is_branch and not bool(effective[name].any())):
+                continue  # a removed branch, or a group living inside one
+            extra: dict[str, Any] = {}
+            if len(members_left) != len(group.members):
+                extra["gate_sites"] = tuple(s for s in group.gate_sites if s not in gone)
+            if bool(effective[name].all()):
                 members = [
                     replace(m, positions=tuple(renumber[(m.module, m.role)][p] for p in m.positions))
                     if (m.module, m.role) in renumber
                     else m
-                    for m in group.members
+                    for m in members_left
                 ]
-                groups[name] = replace(group, members=tuple(members))
+                if group.is_branch:
+                    stream_channel = new_channels[group.stream]
+                    extra["into"] = tuple(stream_channel[c] for c in group.into)
+                groups[name] = replace(group, members=tuple(members), **extra)
                 continue
-            keep = masks[name].tolist()
-            new_channel = (torch.cumsum(masks[name].long(), 0) - 1).tolist()
+            keep = effective[name].tolist()
+            new_channel = new_channels[name]
             members = []
-            for member in group.members:
+            for member in members_left:
                 ren = renumber.get((member.module, member.role))
                 kept = [(p, c) for p, c in zip(member.positions, member.channels) if keep[c]]
                 members.append(
@@ -305,16 +382,27 @@ class ChannelGraph:
                         tuple(new_channel[c] for _, c in kept),
                     )
                 )
-            groups[name] = replace(group, size=int(masks[name].sum()), members=tuple(members))
+            if group.is_branch:
+                stream_channel = new_channels[group.stream]
+                extra["into"] = tuple(stream_channel[c] for c, k in zip(group.into, keep) if k)
+            groups[name] = replace(group, size=int(effective[name].sum()), members=tuple(members), **extra)
         layers = {}
         for name, layer in self.layers.items():
+            if name in gone:
+                continue
             n_out = len(removed.get((name, "out"), ())) + len(removed.get((name, "channel"), ()))
             n_in = len(removed.get((name, "in"), ())) + len(removed.get((name, "channel"), ()))
             new = replace(layer, out_channels=layer.out_channels - n_out, in_channels=layer.in_channels - n_in)
             if layer.depthwise:
                 new = replace(new, groups=new.out_channels)
             layers[name] = new
-        return replace(self, groups=groups, layers=layers)
+        if not gone:
+            return replace(self, groups=groups, layers=layers)
+        zero_outputs = dict(self.zero_outputs)
+        for name in self.removed_branches(masks):
+            zero_outputs[self.groups[name].branch_output] = self.groups[name].stream
+        order = tuple(n for n in self.execution_order if n not in gone)
+        return replace(self, groups=groups, layers=layers, execution_order=order, zero_outputs=zero_outputs)
 
     def check_model(self, model: nn.Module, argument: str = "model") -> None:
         """Raise ``ValueError`` unless ``model`` has the layers and sizes this graph describes."""

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.core.gates import ChannelGate
-from lightning_prune.core.graph import ChannelGroup
+from lightning_prune.core.graph import RESIDUAL_MODES, ChannelGroup
 
 PruningSession = Any  # lightning_prune.core.session.PruningSession (which imports this module)
 
@@ -28,13 +28,23 @@ class Method:
       channels within a group when the widths are given;
     - :meth:`state_dict` / :meth:`load_state_dict` for plain state in checkpoints.
 
-    ``last`` holds the values of the last regulariser call, for logging.
+    ``last`` holds the values of the last regulariser call, for logging. ``residual`` is the
+    residual mode the session builds the channel graph with unless told otherwise
+    (``"tied"`` or ``"mixed"``, see :func:`lightning_prune.core.trace.build_graph`).
     """
 
     name = "method"
+    residual = "tied"
 
     def __init__(self) -> None:
         self.last: dict[str, float] = {}
+
+    @staticmethod
+    def check_residual(residual: str) -> str:
+        """``residual`` checked: ``"tied"`` or ``"mixed"``."""
+        if residual not in RESIDUAL_MODES:
+            raise ValueError(f"residual must be one of {', '.join(map(repr, RESIDUAL_MODES))}, got {residual!r}")
+        return residual
 
     def make_gate(self, group: ChannelGroup) -> ChannelGate:
         raise NotImplementedError(f"{type(self).__name__} must say how its gates are made (make_gate)")

@@ -41,9 +41,9 @@ from lightning_prune.core.export import export, record_budget
 from lightning_prune.core.folding import shrink_as_masked
 from lightning_prune.core.gates import FixedMask
 from lightning_prune.core.gating import GateSet, attach_gates, masks_in_state_dict
-from lightning_prune.core.graph import COSTS, ChannelGraph
+from lightning_prune.core.graph import COSTS, RESIDUAL_MODES, ChannelGraph
 from lightning_prune.core.method import Method
-from lightning_prune.core.surgery import HISTORY_KEY
+from lightning_prune.core.surgery import HISTORY_KEY, pruning_history, replayed_graph
 from lightning_prune.core.trace import build_graph
 
 __all__ = ["PruningSession", "Measured", "session_of", "generator_states", "restore_generators"]
@@ -104,6 +104,8 @@ class PruningSession:
             optimizers and DDP see them); default: none (the session holds them).
         register: also register the session for ``owner`` (or ``network``) so that
             :func:`session_of` finds it (how the callbacks find each other's session).
+        residual: ``"tied"`` or ``"mixed"`` residual blocks (see
+            :func:`~lightning_prune.core.trace.build_graph`); default: the method's ``residual``.
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class PruningSession:
         ignore: Sequence[str] = (),
         owner: nn.Module | None = None,
         register: bool = True,
+        residual: str | None = None,
     ) -> None:
         if not isinstance(network, nn.Module):
             raise TypeError(f"network must be an nn.Module, got {type(network).__name__}")
@@ -133,6 +136,9 @@ class PruningSession:
         self.fraction = resolve_budget(budget=budget, factor=factor)
         self.cost = cost
         self.ignore = tuple(ignore)
+        self.residual = residual if residual is not None else getattr(method, "residual", "tied")
+        if self.residual not in RESIDUAL_MODES:
+            raise ValueError(f"residual must be one of {', '.join(map(repr, RESIDUAL_MODES))}, got {self.residual!r}")
         self.owner = owner
         self.graph: ChannelGraph | None = None
         self.cost_model: CostModel | None = None
@@ -168,7 +174,7 @@ class PruningSession:
         """Build the channel graph from ``example_input``, check the budget, attach the gates."""
         if self.traced:
             raise RuntimeError("the session is traced already")
-        self.graph = build_graph(self.network, example_input, ignore=self.ignore)
+        self.graph = build_graph(self.network, example_input, ignore=self.ignore, residual=self.residual)
         self.cost_model = CostModel(self.graph)
         self.budget = Budget.of(self.fraction, self.cost, self.cost_model.full(self.cost), minimum_cost(self.cost_model, self.cost))
         record_budget(self.network, self.cost, self.budget.target, self.budget.full, self.graph.example_input())
@@ -235,8 +241,9 @@ class PruningSession:
                 raise ValueError(f"widths: unknown channel group {name!r}; the groups are {', '.join(groups)}")
             if isinstance(width, bool) or not isinstance(width, int):
                 raise TypeError(f"widths[{name!r}] must be an int, got {type(width).__name__}")
-            if not 1 <= width <= groups[name].size:
-                raise ValueError(f"widths[{name!r}] must be in 1..{groups[name].size} (the group's channels), got {width}")
+            low = 0 if groups[name].is_branch else 1  # a mixed residual branch may be removed
+            if not low <= width <= groups[name].size:
+                raise ValueError(f"widths[{name!r}] must be in {low}..{groups[name].size} (the group's channels), got {width}")
         masks = {**self.graph.full_masks(), **{n: torch.arange(groups[n].size) < w for n, w in widths.items()}}
         cost = self.cost_model.exact(masks, self.cost)
         if cost > self.budget.target:
@@ -253,7 +260,7 @@ class PruningSession:
             raise RuntimeError(f"keep_masks: the session is {self.phase}, not in the soft phase")
         if widths is not None:
             widths = self.check_widths(widths)
-            masks = {**self.graph.full_masks(), **top_k_masks(self.method.scores(self), widths)}
+            masks = {**self.graph.full_masks(), **top_k_masks(self.method.scores(self), widths, self.graph.branch_names)}
         else:
             masks = self.method.keep_masks(self)
         self.budget.check(self.cost_model.exact(masks, self.cost), "internal: the keep-masks")
@@ -365,7 +372,11 @@ class PruningSession:
             try:
                 self.graph.check_model(self.network)
             except ValueError:
-                self.graph = build_graph(self.network, self.graph.example_input(), ignore=self.ignore)
+                history = pruning_history(self.network)
+                if self.graph.residual == "mixed" and history is not None:  # its scattered layers cannot be traced
+                    self.graph = replayed_graph(self.graph, history)
+                else:
+                    self.graph = build_graph(self.network, self.graph.example_input(), ignore=self.ignore)
                 self.cost_model = CostModel(self.graph)
 
     @staticmethod

@@ -37,11 +37,13 @@ from torch_pruning.pruner import function as tpf
 
 from lightning_prune.core.gating import attached_gates
 from lightning_prune.core.graph import ChannelGraph
+from lightning_prune.core.residual import RemovedLayer, is_scattered, scatter_output, unscatter_output
 from lightning_prune.core.trace import build_graph
 
 __all__ = [
     "shrink",
     "replay",
+    "replayed_graph",
     "pruning_history",
     "enable_pruned_loading",
     "pruned_loading_enabled",
@@ -52,7 +54,9 @@ __all__ = [
 
 HISTORY_ATTR = "_lightning_prune_history"  # the attribute holding the record
 HISTORY_KEY = "lightning_prune_history._extra_state"  # its key in state dicts (the name of earlier versions)
-HISTORY_VERSION = 1
+HISTORY_VERSION = 1  # what a tied history is written as (unchanged since version 1)
+MIXED_HISTORY_VERSION = 2  # a history of mixed-connectivity residual blocks (it records "residual": "mixed")
+HISTORY_VERSIONS = (HISTORY_VERSION, MIXED_HISTORY_VERSION)
 # Key of the pruning history listing the layers whose bias lightning_prune.core.folding created.
 CREATED_BIASES = "created_biases"
 
@@ -85,8 +89,12 @@ def pruning_history(model: nn.Module) -> dict[str, Any] | None:
          "input_dtypes": ["float32"], "ignore": [module names],
          "steps": [{group name: [removed channel indices], ...}, ...]}
 
-    Indices of step ``k`` refer to the model as it was after steps ``0 .. k-1``. An optional
-    ``"created_biases": [layer names]`` lists the layers whose bias
+    Indices of step ``k`` refer to the model as it was after steps ``0 .. k-1``. A graph built
+    with ``residual="mixed"`` that has residual branches writes ``"version": 2`` and
+    ``"residual": "mixed"``: the structural changes of mixed-connectivity residual blocks (a
+    branch's last layer scattered into its stream's channels, a branch that keeps no channel
+    removed, see :mod:`lightning_prune.core.residual`) follow from the steps and the graph, so
+    ``replay`` rebuilds them. An optional ``"created_biases": [layer names]`` lists the layers whose bias
     :func:`lightning_prune.core.folding.shrink_as_masked` created (``replay`` recreates them). It is kept
     in a plain attribute of the model (not a submodule, so that no container's ``forward``
     sees it) and written into the model's ``state_dict`` under ``lightning_prune_history``
@@ -98,6 +106,9 @@ def pruning_history(model: nn.Module) -> dict[str, Any] | None:
 
 
 def _record_step(model: nn.Module, graph: ChannelGraph, removed: dict[str, list[int]]) -> None:
+    # A mixed graph without residual branches (a network with no residual addition) is the tied
+    # graph: its history stays a version-1 history.
+    mixed = graph.residual == "mixed" and bool(graph.branch_names or graph.zero_outputs)
     record = model.__dict__.get(HISTORY_ATTR)
     if record is None:
         record = {
@@ -108,7 +119,14 @@ def _record_step(model: nn.Module, graph: ChannelGraph, removed: dict[str, list[
             "ignore": list(graph.ignore),
             "steps": [],
         }
+        if mixed:
+            record.update(version=MIXED_HISTORY_VERSION, residual="mixed")
         _set_history(model, record)
+    elif mixed and record.get("residual", "tied") != "mixed":
+        raise ValueError(
+            "graph: built with residual='mixed', but the model's earlier pruning steps used residual='tied'; "
+            "keep one residual mode for a model (or rebuild it with replay)"
+        )
     record["steps"].append(removed)
 
 
@@ -155,7 +173,12 @@ def shrink(
     Args:
         model: the network (gates must be detached).
         masks: ``{group name: bool keep-mask (size,)}``; groups not given keep every channel.
-            Every group must keep at least one channel.
+            Every group must keep at least one channel, except the branch groups of a graph
+            built with ``residual="mixed"``: a branch that keeps no channel is removed (its
+            layers become :class:`~lightning_prune.core.residual.RemovedLayer` stand-ins, their
+            parameters leave the optimizers), and a branch keeping fewer channels than its
+            stream has its last layer scattered into the stream's channels (see
+            :mod:`lightning_prune.core.residual`).
         graph: the model's current channel graph; built from ``example_input`` when ``None``.
         example_input: needed only when ``graph`` is ``None``.
         optimizer: optimizer(s) over the model's parameters; their per-parameter state is
@@ -200,6 +223,28 @@ def shrink(
     for (module_name, role), positions in removed.items():
         _HANDLERS[(graph.layers[module_name].kind, role)](modules[module_name], positions)
 
+    new_graph = graph.shrunk(masks)
+    # Mixed-connectivity residual blocks: removed branches, and the branches' placement in their streams.
+    gone = graph.removed_layers(masks) if graph.branch_names else set()
+    dropped: set[int] = set()
+    for module_name in sorted(gone):
+        module = modules[module_name]
+        dropped.update(id(p) for p in module.parameters())
+        width = new_graph.groups[new_graph.zero_outputs[module_name]].size if module_name in new_graph.zero_outputs else None
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, RemovedLayer.replacing(module, width))
+    if graph.branch_names or graph.zero_outputs:
+        modules = dict(model.named_modules())
+        for group in new_graph.groups.values():
+            if group.is_branch:
+                width = new_graph.groups[group.stream].size
+                if group.into == tuple(range(width)):
+                    unscatter_output(modules[group.branch_output])
+                else:
+                    scatter_output(modules[group.branch_output], list(group.into), width)
+        for module_name, stream in new_graph.zero_outputs.items():
+            modules[module_name].width = new_graph.groups[stream].size
+
     states = [opt.state for opt in optimizers]
     replaced: dict[int, nn.Parameter] = {}
     for module_name, entries in plan.items():
@@ -227,9 +272,12 @@ def shrink(
                 state[fresh] = sliced
     for opt in optimizers:
         for group in opt.param_groups:
-            group["params"] = [replaced.get(id(p), p) for p in group["params"]]
+            if dropped:  # the parameters of removed branches leave the optimizer, with their state
+                for p in group["params"]:
+                    if id(p) in dropped:
+                        opt.state.pop(p, None)
+            group["params"] = [replaced.get(id(p), p) for p in group["params"] if id(p) not in dropped]
 
-    new_graph = graph.shrunk(masks)
     new_graph.check_model(model)
     step = {name: torch.nonzero(~m).flatten().tolist() for name, m in masks.items() if not bool(m.all())}
     _record_step(model, graph, step)
@@ -244,8 +292,11 @@ def replay(model: nn.Module, history: Mapping[str, Any], *, graph: ChannelGraph 
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(history, Mapping) or "steps" not in history or "input_shapes" not in history:
         raise ValueError("history must be a pruning history (a mapping with 'steps' and 'input_shapes')")
-    if history.get("version") != HISTORY_VERSION:
-        raise ValueError(f"history: unsupported version {history.get('version')!r} (this is version {HISTORY_VERSION})")
+    if history.get("version") not in HISTORY_VERSIONS:
+        raise ValueError(
+            f"history: unsupported version {history.get('version')!r} (this reads versions "
+            f"{', '.join(map(str, HISTORY_VERSIONS))})"
+        )
     steps = list(history["steps"])
     done = (pruning_history(model) or {}).get("steps", [])
     if done != steps[: len(done)]:
@@ -253,7 +304,7 @@ def replay(model: nn.Module, history: Mapping[str, Any], *, graph: ChannelGraph 
     if graph is None:
         dtypes = history.get("input_dtypes") or ["float32"] * len(history["input_shapes"])
         example = tuple(torch.zeros(s, dtype=getattr(torch, d)) for s, d in zip(history["input_shapes"], dtypes))
-        graph = build_graph(model, example, ignore=history.get("ignore", ()))
+        graph = build_graph(model, example, ignore=history.get("ignore", ()), residual=history.get("residual", "tied"))
     for i, step in enumerate(steps[len(done) :], start=len(done)):
         masks = {}
         for name, idx in step.items():
@@ -265,6 +316,25 @@ def replay(model: nn.Module, history: Mapping[str, Any], *, graph: ChannelGraph 
         graph = shrink(model, masks, graph=graph)
     if history.get(CREATED_BIASES):  # biases that lightning_prune.core.folding created: recreate them
         graph = restore_created_biases(model, history, graph)
+    return graph
+
+
+def replayed_graph(graph: ChannelGraph, history: Mapping[str, Any]) -> ChannelGraph:
+    """The graph of a model that ``history`` shrank, from ``graph`` (of the same model before
+    those steps), without tracing: each step's masks applied to the graph data, and the biases
+    that folding created marked."""
+    for i, step in enumerate(history.get("steps", [])):
+        masks = {}
+        for name, idx in step.items():
+            if name not in graph.groups:
+                raise ValueError(f"history step {i}: the graph has no channel group {name!r}")
+            m = torch.ones(graph.groups[name].size, dtype=torch.bool)
+            m[torch.as_tensor(idx, dtype=torch.long)] = False
+            masks[name] = m
+        graph = graph.shrunk(masks)
+    names = [n for n in history.get(CREATED_BIASES) or [] if n in graph.layers]
+    if names:
+        graph = replace(graph, layers={**graph.layers, **{n: replace(graph.layers[n], bias=True) for n in names}})
     return graph
 
 

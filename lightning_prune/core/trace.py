@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,8 +43,10 @@ from torch import Tensor, nn
 
 from lightning_prune.core.cost.measure import CostReport, check_example, count_cost
 from lightning_prune.core.gating import attached_gates
+from lightning_prune.core.residual import uses_mixed_modules
 from lightning_prune.core.graph import (
     COSTS,
+    RESIDUAL_MODES,
     ROLES,
     ChannelGraph,
     ChannelGroup,
@@ -58,6 +61,7 @@ __all__ = ["build_graph"]
 # The node type Torch-Pruning (>= 1.5.3) gives the model's output; earlier versions have no
 # such node, and a head is recognised by its autograd output or its lack of successors.
 OUTPUT_NODE_TYPE = getattr(tp.ops.OPTYPE, "OUTPUT", None)
+ELEMENTWISE = tp.ops.OPTYPE.ELEMENTWISE
 
 
 def _resolve_ignore(model: nn.Module, ignore: Iterable[nn.Module | str], names: dict[nn.Module, str]) -> set[str]:
@@ -253,7 +257,11 @@ def _outermost(model: nn.Module, names: list[str]) -> list[str]:
 
 
 def build_graph(
-    model: nn.Module, example_input: Tensor | tuple[Tensor, ...], *, ignore: Iterable[nn.Module | str] = ()
+    model: nn.Module,
+    example_input: Tensor | tuple[Tensor, ...],
+    *,
+    ignore: Iterable[nn.Module | str] = (),
+    residual: str = "tied",
 ) -> ChannelGraph:
     """Trace ``model`` on ``example_input`` and return its channel groups.
 
@@ -266,6 +274,14 @@ def build_graph(
             module) is ignored. Output heads are left out automatically. Modules with
             parameters that the example's forward never reaches must be listed here
             (see the module docstring).
+        residual: ``"tied"``: a residual stream and every branch that a residual addition
+            adds into it are one group (the "regular" block). ``"mixed"``: the
+            mixed-connectivity block of Lemaire, Achkar and Jodoin (CVPR 2019, supplementary
+            material, Algorithm 1): the last layer of each residual branch is a group of its
+            own, gated and pruned on its own, and may keep no channel at all (the branch is
+            then removed: depth is learned); the stream (stem, projection shortcuts and
+            every layer reading it) stays one group. Residual additions are found in the
+            trace (see :func:`_residual_branches`), whatever the model's classes.
 
     Raises:
         TypeError: ``model`` is not a module; a group reaches a layer type that cannot be
@@ -277,6 +293,15 @@ def build_graph(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if attached_gates(model) is not None:
         raise ValueError("model has gates attached; detach them (GateSet.detach()) before building its channel graph")
+    if residual not in RESIDUAL_MODES:
+        raise ValueError(f"residual must be one of {', '.join(map(repr, RESIDUAL_MODES))}, got {residual!r}")
+    mixed_modules = uses_mixed_modules(model)
+    if mixed_modules:
+        raise ValueError(
+            f"{type(model).__name__} was shrunk with mixed-connectivity residual blocks (scattered or removed layers: "
+            f"{', '.join(mixed_modules[:3])}{', ...' if len(mixed_modules) > 3 else ''}), which cannot be traced again; "
+            "use the graph that shrink returned, or rebuild it from a fresh model (lightning_prune.core.surgery.replay)"
+        )
     inputs = check_example(example_input)
     names = {m: n for n, m in model.named_modules()}
     if not any(layer_kind(m) in ("conv", "linear") for m in names):
@@ -293,10 +318,12 @@ def build_graph(
     groups: dict[str, ChannelGroup] = {}
     excluded: dict[str, str] = {}
     param_names = {id(p): n for n, p in model.named_parameters()}
+    branches = _residual_branches(dg, names, layers, ignored, index) if residual == "mixed" else {}
     for tp_group in dg.get_all_groups(root_module_types=(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-        group, reason = _convert(dg, tp_group, names, param_names, layers, ignored, out_grad_fns, index)
+        group, reason, nodes = _convert(dg, tp_group, names, param_names, layers, ignored, out_grad_fns, index)
         if reason is None:
-            groups[group.name] = group
+            for part in _split(group, nodes, branches, names, layers, index) if branches else (group,):
+                groups[part.name] = part
         else:
             excluded[group.name] = reason
     if not groups:
@@ -315,11 +342,12 @@ def build_graph(
         execution_order=order,
         model_name=type(model).__name__,
         unreached=unreached,
+        residual=residual,
     )
 
 
-def _convert(dg, tp_group, names, param_names, layers, ignored, out_grad_fns, index) -> tuple[ChannelGroup, str | None]:
-    """A Torch-Pruning group -> (ChannelGroup, reason it is excluded or None).
+def _convert(dg, tp_group, names, param_names, layers, ignored, out_grad_fns, index) -> tuple[ChannelGroup, str | None, dict]:
+    """A Torch-Pruning group -> (ChannelGroup, reason it is excluded or None, its nodes by ``(layer, role)``).
 
     ``names``: ``{module: qualified name}``; ``param_names``: ``{id(parameter): qualified name}``
     (from ``model.named_parameters()``, for a raw ``nn.Parameter`` that a group reaches)."""
@@ -359,17 +387,29 @@ def _convert(dg, tp_group, names, param_names, layers, ignored, out_grad_fns, in
         nodes[(name, role)] = node
     root = names.get(items[0].dep.target.module, str(items[0].dep.target.module))
     size = len(items[0].idxs)
-    producers = [m for m in members if m.role == "out" or (m.role == "channel" and layers[m.module].kind == "conv")]
-    identity = tuple(range(size))
-    named = [m.module for m in producers if m.positions == identity and m.channels == identity]
-    name = min(named, key=index.__getitem__) if named else root
+    name = _group_name(members, size, root, layers, index)
     if reason is None and problems:
         raise TypeError(
             f"channel group {name!r} reaches {problems[0]}, which lightning-prune cannot prune exactly "
             f"(supported: Conv1d/2d/3d with groups=1 or depthwise, Linear, BatchNorm); "
             f"pass ignore=[{name!r}] to leave these channels unpruned"
         )
-    members.sort(key=lambda m: (index[m.module], ROLES.index(m.role)))
+    return _make_group(name, size, members, nodes, names, layers, index), reason, nodes
+
+
+def _group_name(members: list[Member], size: int, root: str, layers: dict[str, LayerInfo], index: dict[str, int]) -> str:
+    """The qualified name of the group's first output-channel layer (in ``named_modules()``
+    order) that carries the group's channels in order, else ``root``."""
+    producers = [m for m in members if m.role == "out" or (m.role == "channel" and layers[m.module].kind == "conv")]
+    identity = tuple(range(size))
+    named = [m.module for m in producers if m.positions == identity and m.channels == identity]
+    return min(named, key=index.__getitem__) if named else root
+
+
+def _make_group(name, size, members, nodes, names, layers, index, **extra: Any) -> ChannelGroup:
+    """A ChannelGroup of ``members`` (sorted) with its gate sites."""
+    members = sorted(members, key=lambda m: (index[m.module], ROLES.index(m.role)))
+    producers = [m for m in members if m.role == "out" or (m.role == "channel" and layers[m.module].kind == "conv")]
     norms = {m.module for m in members if m.role == "channel" and layers[m.module].kind == "norm"}
     depthwise = {m.module for m in members if m.role == "channel" and layers[m.module].kind == "conv"}
     sites = [
@@ -377,7 +417,163 @@ def _convert(dg, tp_group, names, param_names, layers, ignored, out_grad_fns, in
         for m in members
         if (m.module in norms or m in producers) and _reaches_consumer(nodes[(m.module, m.role)], names, norms, depthwise)
     ]
-    return ChannelGroup(name, size, tuple(members), tuple(dict.fromkeys(sites))), reason
+    return ChannelGroup(name, size, tuple(members), tuple(dict.fromkeys(sites)), **extra)
+
+
+# -- mixed-connectivity residual blocks ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Branch:
+    """The branch of a residual addition: ``keys`` are the ``(layer, role)`` of its last layer
+    (the producer and the channel-wise layers after it), ``output`` the layer whose output the
+    addition adds, ``layers`` every layer of the branch (removed when it keeps no channel)."""
+
+    producer: str
+    keys: frozenset[tuple[str, str]]
+    output: str
+    layers: tuple[str, ...]
+
+
+def _ancestors(node) -> set:
+    """``node`` and every node it is computed from."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.inputs)
+    return seen
+
+
+def _topological(nodes) -> dict:
+    """``{node: position}`` in an order where every node comes after its inputs."""
+    order: dict = {}
+    for start in nodes:
+        stack = [(start, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node in order:
+                continue
+            if expanded:
+                order[node] = len(order)
+                continue
+            stack.append((node, True))
+            stack.extend((i, False) for i in node.inputs if i not in order)
+    return order
+
+
+def _residual_branches(dg, names, layers, ignored, index) -> dict[str, _Branch]:
+    """The residual additions of the traced model, ``{branch producer: _Branch}``.
+
+    An addition ``u + v`` is residual when ``u`` and ``v`` are computed from one tensor, the
+    *fork* (their latest common ancestor, of which every other common ancestor is an ancestor),
+    and one side has more convolution / linear layers between the fork and the addition than the
+    other: that side is the *branch*, the other the *stream* (the identity, or a projection
+    shortcut). The branch must be self-contained (its nodes read only the fork and each other,
+    and only the addition reads them) so that it can be removed, none of its layers may be in
+    ``ignore=``, and walking back from the addition through channel-wise operations (batch
+    norms, depthwise convolutions, one-input element-wise operations) must reach its producing
+    convolution / linear layer. Additions that do not qualify stay tied.
+    """
+    nodes = list(dg.module2node.values())
+    order = _topological(nodes)
+    found: dict[str, _Branch] = {}
+
+    def layer_of(node) -> LayerInfo | None:
+        name = names.get(node.module)
+        return layers.get(name) if name is not None else None
+
+    for add in nodes:
+        if add.type != ELEMENTWISE or add.grad_fn is None or not add.grad_fn.name().startswith("AddBackward"):
+            continue
+        if len(add.inputs) != 2 or add.inputs[0] is add.inputs[1]:
+            continue
+        u, v = add.inputs
+        ancestors = {u: _ancestors(u), v: _ancestors(v)}
+        common = ancestors[u] & ancestors[v]
+        if not common:
+            continue
+        fork = max(common, key=order.__getitem__)
+        before = _ancestors(fork)
+        if before != common:
+            continue  # several latest common ancestors: not one block
+        side = {k: a - before for k, a in ancestors.items()}
+        count = {k: sum(1 for n in s if (info := layer_of(n)) is not None and info.kind != "norm") for k, s in side.items()}
+        if count[u] == count[v]:
+            continue
+        branch_in = u if count[u] > count[v] else v
+        body = side[branch_in]
+        if any(o not in body and o is not add for n in body for o in n.outputs):
+            continue  # something outside the branch reads it
+        if any(i not in body and i is not fork for n in body for i in n.inputs):
+            continue  # it reads something else than the fork
+        keys, node, output = set(), branch_in, None
+        while True:
+            info = layer_of(node)
+            if len(node.outputs) != 1:
+                keys = None
+                break
+            if info is not None:
+                output = output or info.name
+                if info.kind in ("conv", "linear") and not info.depthwise and not info.grouped:
+                    keys.add((info.name, "out"))
+                    break
+                if info.kind == "norm" or info.depthwise:
+                    keys.add((info.name, "channel"))
+                else:
+                    keys = None
+                    break
+            elif node.type != ELEMENTWISE or len(node.inputs) != 1:
+                keys = None
+                break
+            if len(node.inputs) != 1:
+                keys = None
+                break
+            node = node.inputs[0]
+        if not keys or output is None:
+            continue
+        branch_layers = sorted({info.name for n in body if (info := layer_of(n)) is not None}, key=index.__getitem__)
+        if any(name in ignored for name in branch_layers):
+            continue
+        producer = next(name for name, role in keys if role == "out")
+        found[producer] = _Branch(producer, frozenset(keys), output, tuple(branch_layers))
+    return found
+
+
+def _split(group: ChannelGroup, nodes, branches: dict[str, _Branch], names, layers, index) -> list[ChannelGroup]:
+    """``group`` split into its stream and one branch group per residual branch adding into it
+    (``[group]`` when no branch qualifies): a branch's last layer must carry the group's
+    channels in order, and the stream must keep a producing layer (the stem, a projection)."""
+    keys = {(m.module, m.role) for m in group.members}
+    identity = tuple(range(group.size))
+    parts: list[tuple[_Branch, list[Member]]] = []
+    for producer, branch in branches.items():
+        if (producer, "out") not in keys or not branch.keys <= keys or layers[producer].out_channels != group.size:
+            continue
+        mine = [m for m in group.members if (m.module, m.role) in branch.keys]
+        if all(m.positions == identity and m.channels == identity for m in mine):
+            parts.append((branch, mine))
+    if not parts:
+        return [group]
+    taken = set().union(*(b.keys for b, _ in parts))
+    stream_members = [m for m in group.members if (m.module, m.role) not in taken]
+    stream_producers = [
+        m for m in stream_members
+        if (m.role == "out" or (m.role == "channel" and layers[m.module].kind == "conv"))
+        and m.positions == identity and m.channels == identity
+    ]  # fmt: skip
+    if not stream_producers:
+        return [group]  # e.g. a stream that is the model's input: keep it tied
+    stream_name = _group_name(stream_members, group.size, group.name, layers, index)
+    out = [_make_group(stream_name, group.size, stream_members, nodes, names, layers, index)]
+    for branch, mine in parts:
+        out.append(
+            _make_group(branch.producer, group.size, mine, nodes, names, layers, index, stream=stream_name, into=identity,
+                        branch_output=branch.output, branch_layers=branch.layers)
+        )
+    return out
 
 
 def _reaches_consumer(start, names: dict, norms: set[str], depthwise: set[str]) -> bool:

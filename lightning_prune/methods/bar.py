@@ -40,13 +40,19 @@ class BarrierPenalty(Method):
         penalty: ``"cost"`` or ``"channels"``.
         gate_lr: learning rate of the gates' Adam optimizer.
         cap: the largest barrier value.
+        residual: ``"mixed"`` (default): the mixed-connectivity residual blocks of Lemaire et
+            al. (supplementary material, Algorithm 1): each residual branch is gated on its own
+            and a branch whose gates all close is removed (learned depth); ``"tied"``: a
+            residual stream and its branches share one gate per channel.
     """
 
     name = "bar"
     PENALTIES = ("cost", "channels")
 
-    def __init__(self, lambda_: float = 0.01, margin: float = 0.05, penalty: str = "cost", gate_lr: float = 0.02, cap: float = 1e3) -> None:
+    def __init__(self, lambda_: float = 0.01, margin: float = 0.05, penalty: str = "cost", gate_lr: float = 0.02, cap: float = 1e3,
+                 residual: str = "mixed") -> None:
         super().__init__()
+        self.residual = self.check_residual(residual)
         self.lambda_ = finite_real("lambda_", lambda_)
         if self.lambda_ < 0:
             raise ValueError(f"lambda_ must be >= 0, got {lambda_}")

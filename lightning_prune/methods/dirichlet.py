@@ -53,14 +53,18 @@ class DirichletSwitches(Method):
         allocation: ``"share"`` or ``"score"``.
         gate_lr: learning rate of the switches' Adam optimizer.
         kl_scale: weight of the KL term (``None`` until the caller sets it, e.g. 1 / N samples).
+        residual: ``"tied"`` (default) or ``"mixed"`` residual blocks (see
+            :func:`lightning_prune.core.trace.build_graph`); with ``"mixed"`` the allocation
+            may remove a residual branch entirely.
     """
 
     name = "dirichlet"
     ALLOCATIONS = ("share", "score")
 
     def __init__(self, alpha0: float = 0.5, estimator: str = "mean", init: float = 1.0, allocation: str = "share",
-                 gate_lr: float = 0.1, kl_scale: float | None = None) -> None:
+                 gate_lr: float = 0.1, kl_scale: float | None = None, residual: str = "tied") -> None:
         super().__init__()
+        self.residual = self.check_residual(residual)
         self.alpha0 = finite_real("alpha0", alpha0)
         if self.alpha0 <= 0:
             raise ValueError(f"alpha0 must be > 0, got {alpha0}")

@@ -20,17 +20,21 @@ __all__ = ["RandomChoice"]
 class RandomChoice(Method):
     """All-ones fixed masks (nothing is learned); the keep-masks drop channels one at a time,
     in a random order over all channels of all groups, until the exact cost is at or under
-    the budget (every group keeps at least one channel).
+    the budget (every group keeps at least one channel, except the branch groups of
+    mixed-connectivity residual blocks, which may be emptied: the branch is removed).
 
     Args:
         seed: seed of the random order (its own generator: a resumed run drops the same channels).
+        residual: ``"tied"`` (default) or ``"mixed"`` residual blocks (see
+            :func:`lightning_prune.core.trace.build_graph`).
     """
 
     name = "random"
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, residual: str = "tied") -> None:
         super().__init__()
         self.seed = check_int("seed", seed, 0)
+        self.residual = self.check_residual(residual)
 
     def make_gate(self, group: ChannelGroup) -> ChannelGate:
         return FixedMask(torch.ones(group.size, dtype=torch.bool))
@@ -45,13 +49,15 @@ class RandomChoice(Method):
         keep = {n: torch.ones(s, dtype=torch.bool) for n, s in zip(model.names, model.sizes)}
         channels = [(n, i) for n, s in zip(model.names, model.sizes) for i in range(s)]
         order = torch.randperm(len(channels), generator=generator).tolist()
-        # Visiting every channel would leave one per group, which the budget's floor check allows.
+        # Visiting every channel would leave one per group (none per branch group), which the
+        # budget's floor check allows.
+        branches = set(model.graph.branch_names)
         current = model.exact(keep, cost)
         for k in order:
             if current <= target:
                 break
             name, index = channels[k]
-            if int(keep[name].sum()) > 1:
+            if int(keep[name].sum()) > (0 if name in branches else 1):
                 keep[name][index] = False
                 current = model.exact(keep, cost)
         return keep

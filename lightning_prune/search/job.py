@@ -68,13 +68,14 @@ def architecture(model_cfg: DictConfig, num_classes: int) -> dict[str, Any]:
     return {"_target_": model_cfg._target_, **kwargs, "num_classes": num_classes}
 
 
-def search_space(model: DictConfig, data: DictConfig, kind: str = "structured", cost: str = "macs") -> SearchSpace:
+def search_space(model: DictConfig, data: DictConfig, kind: str = "structured", cost: str = "macs",
+                 residual: str = "tied") -> SearchSpace:
     """The search space (dimensions and cost predictor) of ``kind`` for the architecture of the
     ``model`` config; no weights or data are loaded (the datamodule only says the number of
     classes and the input shape). The ``adans`` sweeper builds it from ``search.space``."""
     datamodule = instantiate(data)
     net = _build_model(model, datamodule.num_classes)
-    return CompressionSpace(net, torch.zeros(1, *datamodule.input_shape), kind, cost).search_space
+    return CompressionSpace(net, torch.zeros(1, *datamodule.input_shape), kind, cost, residual=residual).search_space
 
 
 class Evaluator:
@@ -103,7 +104,8 @@ class Evaluator:
             raise ValueError("search.checkpoint must point at the trained model to compress")
         load_weights(self.model, s.checkpoint, s.checkpoint_prefix or "")
         self.model.eval()
-        self.space = CompressionSpace(self.model, torch.zeros(1, *self.datamodule.input_shape), s.kind, s.cost)
+        self.space = CompressionSpace(self.model, torch.zeros(1, *self.datamodule.input_shape), s.kind, s.cost,
+                                      residual=s.get("residual", "tied"))
         if self.space.structured:
             if s.rank_size == 0:
                 raise ValueError("search.rank_size must be positive for structured pruning (channels are ranked on "

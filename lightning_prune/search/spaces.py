@@ -6,7 +6,8 @@ Appendix A): a vector x -> a compressed model.
 
 - ``"structured"`` (P_s): one pruning rate per channel group of
   :func:`lightning_prune.core.trace.build_graph` (a residual stream is one group, so the result can
-  be shrunk). The ``floor(p * c)`` channels of lowest priority are removed; priority is the
+  be shrunk; with ``residual="mixed"`` each residual branch is a group of its own, and a rate
+  of 1 removes the branch). The ``floor(p * c)`` channels of lowest priority are removed; priority is the
   summed absolute gradient of the loss with respect to the channel's feature maps, computed
   once (:meth:`rank_channels`). Masks sit at the group's gate sites (the core's
   :class:`~lightning_prune.core.gating.GateSet` with fixed 0/1 masks): after the activation's
@@ -53,7 +54,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_prune.core.cost import CostModel, count_cost
+from lightning_prune.core.cost import COSTS, CostModel, count_cost
 from lightning_prune.core.decomposition import decompose as decompose_layer
 from lightning_prune.core.decomposition import mode_bases, svd_layer, tucker2_layer
 from lightning_prune.core.gates import FixedMask
@@ -63,7 +64,6 @@ from lightning_prune.search.space import Dimension, SearchSpace, integer_setting
 from lightning_prune.core.surgery import shrink
 
 KINDS = ("structured", "unstructured", "svd", "tucker2", "decomposition", "decomposition+structured")
-COSTS = ("macs", "params", "volume")
 
 __all__ = ["CompressionSpace", "KINDS", "sparse_cost", "top1"]
 
@@ -131,6 +131,9 @@ class CompressionSpace:
         cost: ``"macs"``, ``"params"`` (or ``"volume"`` for ``structured`` only): what
             :meth:`predict_cost` counts, per sample.
         ignore: modules (or names) whose output channels are never pruned (structured).
+        residual: ``"tied"`` (a residual stream and its branches are one group) or
+            ``"mixed"`` (each residual branch is a group of its own, whose rate 1 removes the
+            branch; see :func:`lightning_prune.core.trace.build_graph`), structured kinds.
     """
 
     def __init__(
@@ -140,6 +143,7 @@ class CompressionSpace:
         kind: str = "structured",
         cost: str = "macs",
         ignore: Iterable[nn.Module | str] = (),
+        residual: str = "tied",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -159,7 +163,7 @@ class CompressionSpace:
         self.unstructured = kind == "unstructured"
         modules = dict(model.named_modules())
         with torch.no_grad():
-            self.graph = build_graph(model, self.example_input, ignore=ignore)
+            self.graph = build_graph(model, self.example_input, ignore=ignore, residual=residual)
         self.cost_model = CostModel(self.graph)
         self._spatial_in = self._input_spatial()
 
@@ -240,8 +244,15 @@ class CompressionSpace:
             d = dims[name]
             return integer_setting(values[name], d.kind, d.levels)
 
+        def kept(group: str) -> int:
+            # A mixed residual branch may keep no channel (rate 1: the branch is removed).
+            d = dims[f"prune:{group}"]
+            if self.graph.groups[group].is_branch and values[d.name] >= 1.0:
+                return 0
+            return setting(d.name)
+
         return {
-            "kept_channels": {g: setting(f"prune:{g}") for g in self.groups},
+            "kept_channels": {g: kept(g) for g in self.groups},
             "svd_rank": {n: setting(f"svd:{n}") for n in self.svd_layers},
             "tucker_rank": {n: (setting(f"tucker_in:{n}"), setting(f"tucker_out:{n}")) for n in self.tucker_layers},
             "kept_weights": {n: setting(f"sparse:{n}") for n in self.sparse_layers},

@@ -7,7 +7,9 @@ and matrix products), activation volume from forward hooks, parameters from the 
 Definitions (per input sample):
 - MACs: multiply-accumulates of convolutions and linear layers (matmuls).
 - params: number of parameter elements.
-- volume: number of output elements (C x H x W) of every convolution and linear layer; for
+- volume: number of output elements (C x H x W) of every convolution and linear layer (of a
+  layer of a mixed-connectivity residual branch, its own channels, not the zeros they are
+  scattered into: see :mod:`lightning_prune.core.residual`); for
   the layers that are gated this is the activation volume ``V`` of Lemaire, Achkar and Jodoin,
   "Structured Pruning of Neural Networks with Budget-Aware Regularization" (CVPR 2019,
   arXiv:1811.09332): the sum of H x W over feature maps.
@@ -20,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_prune.core.residual import own_output_numel
 
 VOLUME_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -70,8 +74,8 @@ def count_cost(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> 
     names = {m: n for n, m in model.named_modules()}
 
     def hook(module: nn.Module, _inp: object, out: Tensor) -> None:
-        if isinstance(out, Tensor):
-            volumes[names[module]] = volumes.get(names[module], 0) + out[0].numel()
+        if isinstance(out, Tensor):  # a scattered layer's own output, without the zeros it is placed in
+            volumes[names[module]] = volumes.get(names[module], 0) + own_output_numel(module, out[0])
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, VOLUME_LAYERS)]
     was_training = model.training

@@ -22,6 +22,13 @@ part plus, for each group the layer belongs to, a weighted count of the kept cha
   whose expectation is ``E[in] * E[out]`` for independent gates of different groups (a
   layer whose input and output channels belong to the *same* group -- only a layer applied
   to its own output -- would need ``E[in * out]``; this model uses ``E[in] * E[out]`` there);
+- mixed-connectivity residual blocks (Lemaire, Achkar and Jodoin, CVPR 2019, supplementary
+  material, Algorithm 1; graphs built with ``residual="mixed"``): a branch channel counts as
+  kept when it is kept *and* the stream channel it adds into is kept (``keep_b * keep_s``),
+  and every other layer of a branch is multiplied by whether the branch keeps any channel,
+  ``1 - prod_i (1 - keep_b,i * keep_s,i)`` (exact for masks; for independent gates the
+  expectation of each factor is exact, and their product is taken as the expectation of the
+  product, as above: exact when the stream is kept);
 - :meth:`CostModel.channel_weights` gives each channel's marginal cost, the ``A_l`` of the
   BAR sparsity loss (Lemaire, Achkar and Jodoin, "Structured Pruning of Neural Networks with
   Budget-Aware Regularization", CVPR 2019, arXiv:1811.09332): for volume the ``H x W`` summed
@@ -99,6 +106,30 @@ class CostModel:
         self._constant = {"volume": 0, "macs": graph.untracked["macs"], "params": graph.untracked["params"]}
         self._layer_names = tuple(layer_names)
         self._cache: dict[tuple[torch.device, torch.dtype], dict] = {}
+        # Mixed-connectivity residual blocks: a branch channel counts as kept when its stream
+        # channel is kept too, and a branch's layers count only while it keeps a channel.
+        self._mixed: dict[str, Tensor] | None = None
+        branches = [(name, group) for name, group in graph.groups.items() if group.is_branch]
+        if branches:
+            b_idx: list[int] = []
+            s_idx: list[int] = []
+            segment: list[int] = []
+            rows: list[int] = []
+            row_branch: list[int] = []
+            for k, (name, group) in enumerate(branches):
+                b_idx += range(self.offsets[name], self.offsets[name] + group.size)
+                s_idx += [self.offsets[group.stream] + c for c in group.into]
+                segment += [k] * group.size
+                own = set(group.layers)  # the branch's last layer counts its (effective) channels already
+                for layer in group.branch_layers:
+                    if layer in row and layer not in own:
+                        rows.append(row[layer])
+                        row_branch.append(k)
+            self._mixed = {
+                "branch": torch.tensor(b_idx, dtype=torch.long), "stream": torch.tensor(s_idx, dtype=torch.long),
+                "segment": torch.tensor(segment, dtype=torch.long), "rows": torch.tensor(rows, dtype=torch.long),
+                "row_branch": torch.tensor(row_branch, dtype=torch.long), "count": torch.tensor(len(branches)),
+            }
 
     # -- internals ---------------------------------------------------------------------
     def _tensors(self, device: torch.device, dtype: torch.dtype) -> dict:
@@ -111,22 +142,50 @@ class CostModel:
                 "w": {s: t[2].to(device, dtype) for s, t in self._terms.items()},
                 "a": {c: t.to(device, dtype) for c, t in self._a.items()},
                 "b": {c: t.to(device, dtype) for c, t in self._b.items()},
+                "mixed": None if self._mixed is None else {k: v.to(device) for k, v in self._mixed.items()},
             }
         return self._cache[key]
 
     def _counts(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         """(cin, out) of every layer for a flat vector of per-channel keep values."""
         t = self._tensors(flat.device, flat.dtype)
+        flat = self._effective(flat, t)
         counts = []
         for side in ("in", "out"):
             contrib = t["w"][side] * flat[t["cols"][side]]
             counts.append(t["fixed"][side].index_add(0, t["rows"][side], contrib))
         return counts[0], counts[1]
 
-    def _evaluate(self, flat: Tensor, cost: str) -> Tensor:
+    @staticmethod
+    def _effective(flat: Tensor, t: dict) -> Tensor:
+        """Keep values with every branch channel multiplied by its stream channel's."""
+        mixed = t["mixed"]
+        if mixed is None:
+            return flat
+        return flat.index_put((mixed["branch"],), flat[mixed["branch"]] * flat[mixed["stream"]])
+
+    def _layer_factor(self, flat: Tensor, t: dict) -> Tensor | None:
+        """Per layer, 1 (or, in expectation, the probability) if it runs: a branch's layers run
+        while the branch keeps a channel, ``1 - prod_i (1 - keep_i)`` over its effective keep values."""
+        mixed = t["mixed"]
+        if mixed is None:
+            return None
+        effective = self._effective(flat, t)
+        ones = torch.ones(int(mixed["count"]), dtype=flat.dtype, device=flat.device)
+        empty = ones.scatter_reduce(0, mixed["segment"], 1 - effective[mixed["branch"]], reduce="prod")
+        factor = torch.ones(len(self._layer_names), dtype=flat.dtype, device=flat.device)
+        return factor.index_put((mixed["rows"],), (1 - empty)[mixed["row_branch"]])
+
+    def _values(self, flat: Tensor, cost: str) -> Tensor:
+        """The cost of every layer."""
         t = self._tensors(flat.device, flat.dtype)
         cin, out = self._counts(flat)
-        return self._constant[cost] + (t["a"][cost] * cin * out + t["b"][cost] * out).sum()
+        values = t["a"][cost] * cin * out + t["b"][cost] * out
+        factor = self._layer_factor(flat, t)
+        return values if factor is None else values * factor
+
+    def _evaluate(self, flat: Tensor, cost: str) -> Tensor:
+        return self._constant[cost] + self._values(flat, cost).sum()
 
     def _flat_masks(self, masks: Mapping[str, Tensor | int]) -> Tensor:
         if not isinstance(masks, Mapping):
@@ -206,15 +265,17 @@ class CostModel:
     def per_layer(self, masks: Mapping[str, Tensor | int], cost: str) -> dict[str, int]:
         """Exact cost per sample of every convolution, linear and batch-norm layer under ``masks``."""
         _check_cost(cost)
-        flat = self._flat_masks(masks)
-        t = self._tensors(flat.device, flat.dtype)
-        cin, out = self._counts(flat)
-        values = t["a"][cost] * cin * out + t["b"][cost] * out
+        values = self._values(self._flat_masks(masks), cost)
         return {name: int(v) for name, v in zip(self._layer_names, values.tolist())}
 
     def kept_channels(self, masks: Mapping[str, Tensor | int]) -> dict[str, tuple[int, int]]:
-        """``{layer name: (in_channels, out_channels)}`` after applying ``masks``."""
-        cin, out = self._counts(self._flat_masks(masks))
+        """``{layer name: (in_channels, out_channels)}`` after applying ``masks`` (``(0, 0)`` for
+        the layers of a removed residual branch)."""
+        flat = self._flat_masks(masks)
+        cin, out = self._counts(flat)
+        factor = self._layer_factor(flat, self._tensors(flat.device, flat.dtype))
+        if factor is not None:
+            cin, out = cin * factor, out * factor
         result = {}
         for name, ci, co in zip(self._layer_names, cin.tolist(), out.tolist()):
             layer = self.graph.layers[name]
