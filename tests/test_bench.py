@@ -84,3 +84,14 @@ def test_the_report_is_the_same_every_time(folder: Path) -> None:
     assert report(folder, "results-toy") == first and (folder / "RESULTS.md").read_text() == text
     assert text.count("<!-- bench:begin") == 1 and "| random | 2 |" in text and "| width | 2 |" in text
     assert "±" in text and (folder / "bench_lenet5_mnist.png").stat().st_size > 0
+
+
+def test_a_dense_network_trained_elsewhere_is_imported(folder: Path, tmp_path: Path) -> None:
+    source = folder / "checkpoints" / "lenet5_mnist-toy.pt"
+    record = dense(bench_cfg(tmp_path, "stage=dense", "task=lenet5_mnist", f"dense_from={source}"))
+    original = json.loads(source.with_suffix(".json").read_text())
+    assert record["imported_from"] == str(source) and record["test_accuracy"] == original["test_accuracy"]
+    imported = torch.load(tmp_path / "checkpoints" / "lenet5_mnist-toy.pt", weights_only=True)
+    assert all(torch.equal(v, torch.load(source, weights_only=True)[k]) for k, v in imported.items())
+    with pytest.raises(FileNotFoundError, match="dense_from: no file"):
+        dense(bench_cfg(tmp_path / "other", "stage=dense", "task=lenet5_mnist", f"dense_from={tmp_path}/missing.pt"))

@@ -24,6 +24,7 @@ from lightning_prune.bench.training import fit, latency_ratios, plain, test_accu
 from lightning_prune.core.cost import COSTS, count_cost
 from lightning_prune.core.cost.measure import output_widths
 from lightning_prune.core.export import read_torch_file
+from lightning_prune.train import load_network_weights
 
 
 
@@ -99,7 +100,9 @@ def _environment(cfg: DictConfig) -> dict[str, Any]:
 
 def dense(cfg: DictConfig) -> dict[str, Any]:
     """Train the task's dense network once (``task.dense`` recipe) and save its weights and a
-    JSON record next to it; an existing checkpoint is kept."""
+    JSON record next to it; an existing checkpoint is kept. ``dense_from=<file>`` takes the
+    weights of a network trained elsewhere instead (a Lightning checkpoint of ``ImageClassifier``
+    or a state dict), recorded as ``imported_from``; its recipe should be the task's."""
     path = checkpoint_path(cfg)
     record = path.with_suffix(".json")
     if path.exists() and record.exists():
@@ -111,11 +114,18 @@ def dense(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     datamodule = _datamodule(cfg)
     net = instantiate(cfg.task.model, num_classes=datamodule.num_classes)
-    net = fit(cfg, datamodule, net, cfg.task.dense, int(cfg.task.dense.epochs))
+    source = cfg.get("dense_from")
+    if source:  # trained elsewhere (e.g. on a GPU, or by lightning-prune's train entry point)
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"dense_from: no file {source}")
+        load_network_weights(net, source)
+    else:
+        net = fit(cfg, datamodule, net, cfg.task.dense, int(cfg.task.dense.epochs))
     accuracy = test_accuracy(cfg, net, datamodule)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
     payload = {"task": cfg.task.name, "test_accuracy": accuracy, "epochs": int(cfg.task.dense.epochs),
+               "imported_from": str(source) if source else None,
                "wall_seconds": time.perf_counter() - started, "recipe": plain(cfg.task.dense), **_environment(cfg)}
     _write_json(record, payload)
     print(f"dense {cfg.task.name}: {accuracy:.2f}% test accuracy, saved to {path}", flush=True)
