@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats-batch1", type=int, default=101, help="timed rounds at batch 1 (cheap, noisier)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="which models to time")
     args = parser.parse_args(argv)
     if min(args.threads, args.repeats, args.repeats_batch1) < 1 or args.warmup < 0:
         parser.error("--threads, --repeats and --repeats-batch1 must be >= 1, --warmup >= 0")
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     load_before = os.getloadavg()[0]
     started = datetime.datetime.now().astimezone()
     rows = []
-    for model_name, factory in MODELS.items():
+    for model_name, factory in ((m, MODELS[m]) for m in args.models):
         torch.manual_seed(args.seed)
         dense = factory().eval()
         example = torch.zeros(1, 3, 32, 32)
