@@ -71,6 +71,8 @@ def test_a_finished_run_is_skipped_and_over_budget_is_an_error(folder: Path, mon
     assert not result_path(over).exists()
     with pytest.raises(FileNotFoundError, match="stage=dense task=lenet5_mnist"):
         prune(bench_cfg(folder / "empty", "task=lenet5_mnist", "method=random"))
+    variant = bench_cfg(folder, "task=lenet5_mnist", "method=random", "budget.factor=2", "seed=7", "variant=again")
+    assert result_path(variant).name == "random+again-macs2-seed7.json" and not result_path(variant).exists()
     with pytest.raises(ValueError, match="budget.cost must be one of"):
         prune(bench_cfg(folder, "task=lenet5_mnist", "method=random", "budget.cost=flops"))
 

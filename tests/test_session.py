@@ -188,3 +188,11 @@ def test_session_state_round_trip_and_errors() -> None:
         PruningSession(net, RandomChoice(), factor=2)
     with pytest.raises(RuntimeError, match="is pending, not in the soft phase"):
         PruningSession(TinyCNN(), BarrierPenalty(), factor=2).keep_masks()
+
+
+def test_bar_gate_optimizer_choice() -> None:
+    assert isinstance(traced(BarrierPenalty()).optimizer, torch.optim.Adam)
+    sgd = traced(BarrierPenalty(gate_optimizer="sgd", gate_lr=0.5)).optimizer
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["lr"] == 0.5 and sgd.defaults["momentum"] == 0.9
+    with pytest.raises(ValueError, match="gate_optimizer must be one of"):
+        BarrierPenalty(gate_optimizer="rmsprop")

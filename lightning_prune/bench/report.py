@@ -48,7 +48,8 @@ def _mean_std(values: list[float]) -> str:
 
 
 def _order(method: str) -> tuple[int, str]:
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+    base = method.split("+")[0]  # a variant (``bar+sgd``) follows its method
+    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
 def tables(rows: Iterable[Mapping[str, Any]]) -> str:

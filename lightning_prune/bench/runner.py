@@ -43,8 +43,14 @@ def checkpoint_path(cfg: DictConfig) -> Path:
 
 def result_path(cfg: DictConfig) -> Path:
     factor = float(cfg.budget.factor)
-    name = f"{cfg.method.name}-{cfg.budget.cost}{factor:g}-seed{int(cfg.seed)}.json"
+    name = f"{row_name(cfg)}-{cfg.budget.cost}{factor:g}-seed{int(cfg.seed)}.json"
     return bench_dir(cfg) / ("results-toy" if cfg.toy else "results") / cfg.task.name / name
+
+
+def row_name(cfg: DictConfig) -> str:
+    """The method's name in result files and tables: ``<method>`` or ``<method>+<variant>``."""
+    variant = cfg.get("variant")
+    return f"{cfg.method.name}+{variant}" if variant else str(cfg.method.name)
 
 
 def command_line() -> str:
@@ -171,7 +177,7 @@ def prune(cfg: DictConfig) -> dict[str, Any]:
     if cost[cfg.budget.cost] > run.target and not reference:
         raise BudgetExceeded(f"{name}: the exported network costs {cfg.budget.cost} {cost[cfg.budget.cost]:,}, over the budget {run.target:,.0f}")
     payload = {
-        "task": cfg.task.name, "method": name, "cost": cfg.budget.cost, "factor": factor, "seed": int(cfg.seed),
+        "task": cfg.task.name, "method": row_name(cfg), "cost": cfg.budget.cost, "factor": factor, "seed": int(cfg.seed),
         "test_accuracy": test_accuracy(cfg, net, datamodule),
         "dense_test_accuracy": test_accuracy(cfg, dense_net, datamodule),
         "macs": cost.macs, "params": cost.params, "volume": cost.volume, "budget": run.target,

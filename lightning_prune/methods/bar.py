@@ -38,7 +38,11 @@ class BarrierPenalty(Method):
         lambda_: weight of the penalty (>= 0).
         margin: ``a = (1 - margin) * B``, in (0, 1).
         penalty: ``"cost"`` or ``"channels"``.
-        gate_lr: learning rate of the gates' Adam optimizer.
+        gate_lr: learning rate of the gates' optimizer.
+        gate_optimizer: ``"adam"`` (default) or ``"sgd"`` (with momentum 0.9). Adam scales every
+            gate's step alike, so every gate whose penalty outweighs its data gradient closes at
+            the same speed, however little it saves; plain SGD keeps the gradients' ratio, i.e.
+            the trade of loss against cost of the barrier's Lagrangian.
         cap: the largest barrier value.
         residual: ``"mixed"`` (default): the mixed-connectivity residual blocks of Lemaire et
             al. (supplementary material, Algorithm 1): each residual branch is gated on its own
@@ -49,8 +53,10 @@ class BarrierPenalty(Method):
     name = "bar"
     PENALTIES = ("cost", "channels")
 
+    GATE_OPTIMIZERS = ("adam", "sgd")
+
     def __init__(self, lambda_: float = 0.01, margin: float = 0.05, penalty: str = "cost", gate_lr: float = 0.02, cap: float = 1e3,
-                 residual: str = "mixed") -> None:
+                 residual: str = "mixed", gate_optimizer: str = "adam") -> None:
         super().__init__()
         self.residual = self.check_residual(residual)
         self.lambda_ = finite_real("lambda_", lambda_)
@@ -65,6 +71,9 @@ class BarrierPenalty(Method):
         self.gate_lr = finite_real("gate_lr", gate_lr)
         if self.gate_lr <= 0:
             raise ValueError(f"gate_lr must be > 0, got {gate_lr}")
+        if gate_optimizer not in self.GATE_OPTIMIZERS:
+            raise ValueError(f"gate_optimizer must be one of {self.GATE_OPTIMIZERS}, got {gate_optimizer!r}")
+        self.gate_optimizer = gate_optimizer
         self.cap = finite_real("cap", cap)
         if self.cap <= 0:
             raise ValueError(f"cap must be > 0, got {cap}")
@@ -75,6 +84,8 @@ class BarrierPenalty(Method):
         return HardConcreteGate(group.size)
 
     def make_optimizer(self, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
+        if self.gate_optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.gate_lr, momentum=0.9)
         return torch.optim.Adam(params, lr=self.gate_lr)
 
     def regularizer(self, session: PruningSession) -> Tensor | None:
