@@ -306,17 +306,22 @@ def replay(model: nn.Module, history: Mapping[str, Any], *, graph: ChannelGraph 
         example = tuple(torch.zeros(s, dtype=getattr(torch, d)) for s, d in zip(history["input_shapes"], dtypes))
         graph = build_graph(model, example, ignore=history.get("ignore", ()), residual=history.get("residual", "tied"))
     for i, step in enumerate(steps[len(done) :], start=len(done)):
-        masks = {}
-        for name, idx in step.items():
-            if name not in graph.groups:
-                raise ValueError(f"history step {i}: the model has no channel group {name!r}; is it the same architecture?")
-            m = torch.ones(graph.groups[name].size, dtype=torch.bool)
-            m[torch.as_tensor(idx, dtype=torch.long)] = False
-            masks[name] = m
-        graph = shrink(model, masks, graph=graph)
+        graph = shrink(model, step_masks(graph, step, i, "the model"), graph=graph)
     if history.get(CREATED_BIASES):  # biases that lightning_prune.core.folding created: recreate them
         graph = restore_created_biases(model, history, graph)
     return graph
+
+
+def step_masks(graph: ChannelGraph, step: Mapping[str, Any], i: int, what: str) -> dict[str, Tensor]:
+    """The keep-masks of history step ``i`` (``{group: removed indices}``) on ``graph``."""
+    masks = {}
+    for name, idx in step.items():
+        if name not in graph.groups:
+            raise ValueError(f"history step {i}: {what} has no channel group {name!r}; is it the same architecture?")
+        m = torch.ones(graph.groups[name].size, dtype=torch.bool)
+        m[torch.as_tensor(idx, dtype=torch.long)] = False
+        masks[name] = m
+    return masks
 
 
 def replayed_graph(graph: ChannelGraph, history: Mapping[str, Any]) -> ChannelGraph:
@@ -324,14 +329,7 @@ def replayed_graph(graph: ChannelGraph, history: Mapping[str, Any]) -> ChannelGr
     those steps), without tracing: each step's masks applied to the graph data, and the biases
     that folding created marked."""
     for i, step in enumerate(history.get("steps", [])):
-        masks = {}
-        for name, idx in step.items():
-            if name not in graph.groups:
-                raise ValueError(f"history step {i}: the graph has no channel group {name!r}")
-            m = torch.ones(graph.groups[name].size, dtype=torch.bool)
-            m[torch.as_tensor(idx, dtype=torch.long)] = False
-            masks[name] = m
-        graph = graph.shrunk(masks)
+        graph = graph.shrunk(step_masks(graph, step, i, "the graph"))
     names = [n for n in history.get(CREATED_BIASES) or [] if n in graph.layers]
     if names:
         graph = replace(graph, layers={**graph.layers, **{n: replace(graph.layers[n], bias=True) for n in names}})
