@@ -196,3 +196,5 @@ def test_bar_gate_optimizer_choice() -> None:
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["lr"] == 0.5 and sgd.defaults["momentum"] == 0.9
     with pytest.raises(ValueError, match="gate_optimizer must be one of"):
         BarrierPenalty(gate_optimizer="rmsprop")
+    opened = traced(BarrierPenalty(init_log_alpha=3.0)).gates.open_probabilities()
+    assert all(bool((p > 0.99).all()) for p in opened.values())  # starts from (almost) the trained network

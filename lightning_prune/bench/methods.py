@@ -68,7 +68,7 @@ def bar(run: Run) -> nn.Module:
     soft = max(1, min(run.epochs - 1, round(run.epochs * m.soft_fraction)))
     callbacks = [
         BudgetAwareRegularization(**_common(run), lambda_=m.lambda_, margin=m.margin, gate_lr=m.gate_lr,
-                                  gate_optimizer=m.get("gate_optimizer", "adam"), penalty=m.penalty,
+                                  gate_optimizer=m.gate_optimizer, init_log_alpha=m.init_log_alpha, penalty=m.penalty,
                                   distillation=m.distillation),
         SigmoidalBudgetAnnealing(soft, hardness=m.hardness),
         HardPruning(soft, plot=False, verbose=False),

@@ -60,7 +60,7 @@ class BudgetAwareRegularization(GatedPruning):
         penalty: ``"cost"`` (the paper: the expected cost over the full cost) or ``"channels"``
             (the expected number of open channels over all channels).
         gate_lr: learning rate of the gates' optimizer.
-        gate_optimizer: ``"adam"`` or ``"sgd"``; see :class:`~lightning_prune.methods.BarrierPenalty`.
+        gate_optimizer, init_log_alpha: see :class:`~lightning_prune.methods.BarrierPenalty`.
         distillation: learn from a frozen copy of the network taken at fit start: the user's
             loss gradient is blended with ``T^2 KL(teacher || student)`` (``alpha`` of the
             latter), assuming the user's loss is a batch mean.
@@ -85,6 +85,7 @@ class BudgetAwareRegularization(GatedPruning):
         penalty: str = "cost",
         gate_lr: float = 0.02,
         gate_optimizer: str = "adam",
+        init_log_alpha: float = 0.0,
         distillation: bool = False,
         temperature: float = 4.0,
         alpha: float = 0.9,
@@ -95,7 +96,7 @@ class BudgetAwareRegularization(GatedPruning):
         verbose: bool = True,
     ) -> None:
         self._method_args = {"lambda_": lambda_, "margin": margin, "penalty": penalty, "gate_lr": gate_lr,
-                             "gate_optimizer": gate_optimizer, "residual": residual}
+                             "gate_optimizer": gate_optimizer, "init_log_alpha": init_log_alpha, "residual": residual}
         super().__init__(budget=budget, factor=factor, cost=cost, module=module, example_input=example_input,
                          ignore=ignore, verbose=verbose)
         check_bool("distillation", distillation)

@@ -39,6 +39,10 @@ class BarrierPenalty(Method):
         margin: ``a = (1 - margin) * B``, in (0, 1).
         penalty: ``"cost"`` or ``"channels"``.
         gate_lr: learning rate of the gates' optimizer.
+        init_log_alpha: the gates start at ``log_alpha ~ U(init_log_alpha, init_log_alpha + 0.01)``:
+            0 (the default, Lemaire et al.) opens a gate with probability 0.83, so from a
+            trained network every step drops about a sixth of the channels at random; a larger
+            value starts from (almost) the trained network.
         gate_optimizer: ``"adam"`` (default) or ``"sgd"`` (with momentum 0.9). Adam scales every
             gate's step alike, so every gate whose penalty outweighs its data gradient closes at
             the same speed, however little it saves; plain SGD keeps the gradients' ratio, i.e.
@@ -56,7 +60,7 @@ class BarrierPenalty(Method):
     GATE_OPTIMIZERS = ("adam", "sgd")
 
     def __init__(self, lambda_: float = 0.01, margin: float = 0.05, penalty: str = "cost", gate_lr: float = 0.02, cap: float = 1e3,
-                 residual: str = "mixed", gate_optimizer: str = "adam") -> None:
+                 residual: str = "mixed", gate_optimizer: str = "adam", init_log_alpha: float = 0.0) -> None:
         super().__init__()
         self.residual = self.check_residual(residual)
         self.lambda_ = finite_real("lambda_", lambda_)
@@ -74,6 +78,7 @@ class BarrierPenalty(Method):
         if gate_optimizer not in self.GATE_OPTIMIZERS:
             raise ValueError(f"gate_optimizer must be one of {self.GATE_OPTIMIZERS}, got {gate_optimizer!r}")
         self.gate_optimizer = gate_optimizer
+        self.init_log_alpha = finite_real("init_log_alpha", init_log_alpha)
         self.cap = finite_real("cap", cap)
         if self.cap <= 0:
             raise ValueError(f"cap must be > 0, got {cap}")
@@ -81,7 +86,7 @@ class BarrierPenalty(Method):
         self.dropped: dict[str, list[int]] = {}
 
     def make_gate(self, group: ChannelGroup) -> ChannelGate:
-        return HardConcreteGate(group.size)
+        return HardConcreteGate(group.size, init_log_alpha=(self.init_log_alpha, self.init_log_alpha + 0.01))
 
     def make_optimizer(self, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
         if self.gate_optimizer == "sgd":
