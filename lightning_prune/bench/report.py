@@ -52,6 +52,11 @@ def _order(method: str) -> tuple[int, str]:
     return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
+def _portable(command: str) -> str:
+    """The command as run from the repository's root (where ``bench_dir`` defaults to benchmarks/)."""
+    return " ".join(word for word in command.split() if not word.startswith("bench_dir="))
+
+
 def tables(rows: Iterable[Mapping[str, Any]]) -> str:
     """Markdown: one table per task and budget, one row per method."""
     groups: dict[tuple[str, str, float], dict[str, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
@@ -76,7 +81,12 @@ def tables(rows: Iterable[Mapping[str, Any]]) -> str:
             cells = [name, str(len(runs)), acc] + [f"{statistics.mean(r[c] for r in runs):,.0f}" for c in ("macs", "params", "volume")]
             cells += [f"{statistics.mean(r['latency_ratio'][b] for r in runs):.2f}x" for b in ("batch1", "batch256")]
             out.append("| " + " | ".join(cells) + " |")
-        commands = sorted({r["command"] for runs in methods.values() for r in runs})
+        commands = sorted({_portable(r["command"]) for runs in methods.values() for r in runs})
+        every = [r for runs in methods.values() for r in runs]
+        dates = sorted(r["date"][:10] for r in every)
+        machines = sorted({f"{r['machine']}, torch {r['torch']}, {r['threads']} thread(s)" for r in every})
+        out.append(f"\nRun {dates[0]}{'' if dates[0] == dates[-1] else ' to ' + dates[-1]} on {'; '.join(machines)}; "
+                   "one seed is one seed (no ± without several).")
         out.append("\nCommands: " + "; ".join(f"`{c}`" for c in commands) + "\n")
     return "\n".join(out)
 
