@@ -139,7 +139,7 @@ def adans(run: Run) -> nn.Module:
     reference = space.accuracy(space.search_space.identity, inputs[:eval_size], targets[:eval_size])
     search = CompressionSearch(
         space.search_space, sampler=m.sampler, batch_size=4 if run.cfg.toy else int(m.batch_size),
-        iterations=2 if run.cfg.toy else int(m.iterations), threshold=reference - float(m.max_drop),
+        iterations=2 if run.cfg.toy else int(m.iterations), threshold=max(0.0, reference - float(m.max_drop)),
         boundary_steps=None if run.cfg.toy or m.boundary_steps is None else int(m.boundary_steps), seed=int(run.cfg.seed),
         budget=1.0 / float(run.cfg.budget.factor),
     )
