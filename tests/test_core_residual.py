@@ -551,3 +551,31 @@ def test_ddp_two_processes_through_hard_pruning_that_removes_a_block_and_resume(
             assert state.keys() == mine.keys(), (run, rank)
             for key in mine:
                 assert torch.equal(state[key], mine[key]), (run, rank, key)
+
+
+def test_a_pickled_mixed_network_unpickles_in_a_fresh_process(tmp_path) -> None:
+    """torch.save of the whole module (or ddp_spawn's pickling) reaches a process where the
+    scattered classes have not been made yet."""
+    import pickle
+    import subprocess
+    import sys
+
+    from lightning_prune.core.residual import uses_mixed_modules
+    from lightning_prune.models import CifarResNet
+
+    net = CifarResNet(20).eval()
+    graph = build_graph(net, torch.zeros(1, 3, 32, 32), residual="mixed")
+    shrink(net, mixed_masks(graph, seed=1), graph=graph)
+    assert uses_mixed_modules(net)
+    x = torch.randn(2, 3, 32, 32)
+    path = tmp_path / "net.pkl"
+    path.write_bytes(pickle.dumps(net))
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        torch.save(net(x), tmp_path / "y.pt")
+    code = ("import pickle, sys, torch; net = pickle.loads(open(sys.argv[1], 'rb').read()); "
+            "x = torch.load(sys.argv[2]); y = torch.load(sys.argv[3]); "
+            "torch.testing.assert_close(net.eval()(x), y, atol=1e-5, rtol=1e-5)")
+    done = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
