@@ -221,9 +221,3 @@ class RemovedLayer(nn.Module):
 def uses_mixed_modules(model: nn.Module) -> list[str]:
     """Names of the scattered and removed layers of ``model``."""
     return [n for n, m in model.named_modules() if is_scattered(m) or isinstance(m, RemovedLayer)]
-
-
-# The torch layers' scattered classes exist from import on, so that a pickled shrunk network
-# (torch.save of the module, ddp_spawn) unpickles in a fresh process.
-for _layer in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
-    _scattered_class(_layer)
