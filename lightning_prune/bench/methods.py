@@ -74,7 +74,10 @@ def bar(run: Run) -> nn.Module:
         HardPruning(soft, plot=False, verbose=False),
     ]
     run.info["prune_epoch"] = soft
-    return fit(run.cfg, run.datamodule, copy.deepcopy(run.dense), run.cfg.task.prune, run.epochs, callbacks)
+    net = fit(run.cfg, run.datamodule, copy.deepcopy(run.dense), run.cfg.task.prune, run.epochs, callbacks)
+    method = callbacks[0].method  # what hard pruning had to repair: the soft phase ended over budget
+    run.info.update(repair_dropped={n: len(d) for n, d in method.dropped.items()}, capped_steps=method.capped_steps)
+    return net
 
 
 def dirichlet(run: Run) -> nn.Module:
