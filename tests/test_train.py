@@ -119,6 +119,14 @@ def test_two_job_multirun_with_the_basic_launcher(tmp_path, data_dir):
     assert "optimizer.lr=0.001" in lrs[0] and "optimizer.lr=0.002" in lrs[1]
 
 
+@pytest.mark.slow
+def test_the_ddp_trainer_config_runs_on_cpus(tmp_path, data_dir):
+    """`trainer=ddp` (2 processes, gloo) runs the main job on a CPU-only machine (SyncBatchNorm,
+    GPU-only in torch, is off by default there)."""
+    result = _run_cli(["trainer=ddp", "experiment=resnet20_cifar10", "model.width=0.25", *FAST], tmp_path)  # batch norm
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_wheel_installs_with_its_configs(tmp_path, data_dir):
     """Build the wheel, install it (no deps) into a fresh virtualenv that sees this one's
     dependencies, and run the entry point from an unrelated folder."""
