@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.core.cost import count_cost
+from lightning_prune.core.graph import zero_inputs
 from lightning_prune.core.decomposition import KINDS as DECOMPOSITION_KINDS
 from lightning_prune.core.decomposition import decompositions, replay_decomposition
 
@@ -120,7 +121,7 @@ def export(module: nn.Module, *, allow_over_budget: bool = False) -> nn.Module:
     out = _plain_copy(module)
     budget = out.__dict__.get(BUDGET_ATTR)
     if budget is not None and not allow_over_budget:
-        example = tuple(torch.zeros(s, dtype=getattr(torch, d)) for s, d in zip(budget["input_shapes"], budget["input_dtypes"]))
+        example = zero_inputs(budget)
         device = next(out.parameters(), torch.empty(0)).device
         was_training = out.training
         spent = count_cost(out.eval(), tuple(t.to(device) for t in example))[budget["cost"]]

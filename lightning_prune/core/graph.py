@@ -249,9 +249,7 @@ class ChannelGraph:
 
     def example_input(self) -> tuple[Tensor, ...]:
         """Zero tensors with the shapes and dtypes of the example input the graph was built with."""
-        return tuple(
-            torch.zeros(shape, dtype=getattr(torch, dtype)) for shape, dtype in zip(self.input_shapes, self.input_dtypes)
-        )
+        return zero_inputs({"input_shapes": self.input_shapes, "input_dtypes": self.input_dtypes})
 
     # -- masks ----------------------------------------------------------------------------
     def full_masks(self) -> dict[str, Tensor]:
@@ -440,6 +438,14 @@ def layer_kind(module: nn.Module) -> str | None:
     if isinstance(module, _BatchNorm):
         return "norm"
     return None
+
+
+def zero_inputs(record: Mapping[str, Any]) -> tuple[Tensor, ...]:
+    """Zero example inputs of the ``input_shapes`` / ``input_dtypes`` (default float32) a
+    record holds (a pruning history, a GateSet's extra state, a budget record)."""
+    shapes = record["input_shapes"]
+    dtypes = record.get("input_dtypes") or ["float32"] * len(shapes)
+    return tuple(torch.zeros(tuple(s), dtype=getattr(torch, d)) for s, d in zip(shapes, dtypes))
 
 
 def random_masks(

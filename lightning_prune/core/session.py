@@ -41,7 +41,7 @@ from lightning_prune.core.export import export, record_budget
 from lightning_prune.core.folding import shrink_as_masked
 from lightning_prune.core.gates import FixedMask
 from lightning_prune.core.gating import GateSet, attach_gates, masks_in_state_dict
-from lightning_prune.core.graph import COSTS, RESIDUAL_MODES, ChannelGraph
+from lightning_prune.core.graph import COSTS, RESIDUAL_MODES, ChannelGraph, zero_inputs
 from lightning_prune.core.method import Method
 from lightning_prune.core.surgery import HISTORY_KEY, pruning_history, replayed_graph
 from lightning_prune.core.trace import build_graph
@@ -385,8 +385,7 @@ class PruningSession:
         records += [v for k, v in state_dict.items() if k.startswith(prefix) and k.endswith(HISTORY_KEY)]
         for record in records:
             if isinstance(record, Mapping) and record.get("input_shapes"):
-                dtypes = record.get("input_dtypes") or ["float32"] * len(record["input_shapes"])
-                return tuple(torch.zeros(s, dtype=getattr(torch, d)) for s, d in zip(record["input_shapes"], dtypes))
+                return zero_inputs(record)
         raise ValueError("example_input: the checkpoint records no input shape and none was given; pass example_input=")
 
     def close(self) -> None:

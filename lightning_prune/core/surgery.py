@@ -36,7 +36,7 @@ from torch.utils.hooks import RemovableHandle
 from torch_pruning.pruner import function as tpf
 
 from lightning_prune.core.gating import attached_gates
-from lightning_prune.core.graph import ChannelGraph
+from lightning_prune.core.graph import ChannelGraph, zero_inputs
 from lightning_prune.core.residual import RemovedLayer, is_scattered, scatter_output, unscatter_output
 from lightning_prune.core.trace import build_graph
 
@@ -302,9 +302,7 @@ def replay(model: nn.Module, history: Mapping[str, Any], *, graph: ChannelGraph 
     if done != steps[: len(done)]:
         raise ValueError("model has a pruning history that is not a prefix of history; start from a fresh model")
     if graph is None:
-        dtypes = history.get("input_dtypes") or ["float32"] * len(history["input_shapes"])
-        example = tuple(torch.zeros(s, dtype=getattr(torch, d)) for s, d in zip(history["input_shapes"], dtypes))
-        graph = build_graph(model, example, ignore=history.get("ignore", ()), residual=history.get("residual", "tied"))
+        graph = build_graph(model, zero_inputs(history), ignore=history.get("ignore", ()), residual=history.get("residual", "tied"))
     for i, step in enumerate(steps[len(done) :], start=len(done)):
         graph = shrink(model, step_masks(graph, step, i, "the model"), graph=graph)
     if history.get(CREATED_BIASES):  # biases that lightning_prune.core.folding created: recreate them
