@@ -84,6 +84,12 @@ def test_budget_schedule_and_final_check_golden_values() -> None:
     g = (600.0 - 237.5) / (630.0 - 237.5)
     assert f.value == pytest.approx(g * g / (1 - g)) and not f.capped
     assert budget.barrier(700.0, 0.5, margin=0.05).capped
+    # margin_of="current": a = 0.95 b = 598.5, so 598 is inside the band and 610 is not
+    assert budget.barrier(598.0, 0.5, margin=0.05, margin_of="current").value == 0.0
+    g = (610.0 - 598.5) / (630.0 - 598.5)
+    assert budget.barrier(610.0, 0.5, margin=0.05, margin_of="current").value == pytest.approx(g * g / (1 - g))
+    with pytest.raises(ValueError, match="margin_of must be one of"):
+        budget.barrier(600.0, 0.5, margin=0.05, margin_of="final")
     budget.check(250)
     with pytest.raises(ValueError, match="costs macs 251, over the budget 250"):
         budget.check(251)

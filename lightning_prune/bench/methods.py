@@ -27,6 +27,7 @@ from lightning_prune.callbacks import (
     SigmoidalBudgetAnnealing,
 )
 from lightning_prune.core.cost import count_cost
+from lightning_prune.core.session import session_of
 
 
 @dataclass
@@ -63,20 +64,39 @@ def _common(run: Run) -> dict[str, Any]:
     return {"factor": float(run.cfg.budget.factor), "cost": run.cost, "example_input": tuple(run.example.shape[1:]), "verbose": False}
 
 
+class _AliveTrace(Callback):
+    """Records, at the end of every epoch while gates learn, the alive channels per group, the
+    network's current cost and the method's last logged values (budget, barrier, ...)."""
+
+    def __init__(self, method: Callable[[], Any]) -> None:
+        self.method, self.epochs = method, []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        session = session_of(pl_module)
+        if session is None or not session.active:
+            return
+        alive = {n: int(m.sum()) for n, m in session.current_masks().items()}
+        last = {k: round(float(v), 4) for k, v in (getattr(self.method(), "last", None) or {}).items()}
+        self.epochs.append({"epoch": trainer.current_epoch, "cost": int(session.current_cost()), "alive": alive, **last})
+
+
 def bar(run: Run) -> nn.Module:
     m = run.cfg.method
     soft = max(1, min(run.epochs - 1, round(run.epochs * m.soft_fraction)))
     callbacks = [
-        BudgetAwareRegularization(**_common(run), lambda_=m.lambda_, margin=m.margin, gate_lr=m.gate_lr,
+        BudgetAwareRegularization(**_common(run), lambda_=m.lambda_, margin=m.margin, margin_of=m.margin_of, gate_lr=m.gate_lr,
                                   gate_optimizer=m.gate_optimizer, init_log_alpha=m.init_log_alpha, penalty=m.penalty,
                                   distillation=m.distillation),
         SigmoidalBudgetAnnealing(soft, hardness=m.hardness),
         HardPruning(soft, plot=False, verbose=False),
     ]
+    trace = _AliveTrace(lambda: callbacks[0].method)
+    callbacks.append(trace)
     run.info["prune_epoch"] = soft
     net = fit(run.cfg, run.datamodule, copy.deepcopy(run.dense), run.cfg.task.prune, run.epochs, callbacks)
     method = callbacks[0].method  # what hard pruning had to repair: the soft phase ended over budget
-    run.info.update(repair_dropped={n: len(d) for n, d in method.dropped.items()}, capped_steps=method.capped_steps)
+    run.info.update(repair_dropped={n: len(d) for n, d in method.dropped.items()}, capped_steps=method.capped_steps,
+                    soft_phase=trace.epochs)
     return net
 
 

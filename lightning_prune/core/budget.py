@@ -265,9 +265,17 @@ class Budget:
         start = self.start_factor * self.full
         return max(self.target, (1.0 - transition) * start + transition * self.target)
 
-    def barrier(self, cost: float, t: float, margin: float, cap: float = 1e3) -> BarrierValue:
-        """The barrier ``f(V, a, b)`` with ``a = (1 - margin) * target`` and ``b`` the current budget."""
-        return barrier(cost, (1.0 - margin) * self.target, self.current(t), cap)
+    MARGINS_OF = ("target", "current")
+
+    def barrier(self, cost: float, t: float, margin: float, cap: float = 1e3, margin_of: str = "target") -> BarrierValue:
+        """The barrier ``f(V, a, b)`` with ``b`` the current budget and ``a = (1 - margin) * target``
+        (``margin_of="target"``) or ``a = (1 - margin) * b`` (``margin_of="current"``: the band
+        where ``f = 0`` moves down with the annealed budget, so the barrier pushes only while the
+        network is above the schedule)."""
+        if margin_of not in self.MARGINS_OF:
+            raise ValueError(f"margin_of must be one of {self.MARGINS_OF}, got {margin_of!r}")
+        b = self.current(t)
+        return barrier(cost, (1.0 - margin) * (self.target if margin_of == "target" else b), b, cap)
 
     def check(self, cost: float, what: str = "the network") -> None:
         """``ValueError`` unless ``cost`` is at or under the target."""

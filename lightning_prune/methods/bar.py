@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.core.allocation import fit_budget
-from lightning_prune.core.budget import finite_real
+from lightning_prune.core.budget import Budget, finite_real
 from lightning_prune.core.gates import ChannelGate, HardConcreteGate
 from lightning_prune.core.graph import ChannelGroup
 from lightning_prune.core.method import Method, PruningSession
@@ -27,16 +27,21 @@ class BarrierPenalty(Method):
       (``penalty="channels"``: every gate is pushed alike and the data loss decides which
       channels close);
     - ``V``: the current cost, counting the alive channels (``z_hat > 0``) exactly;
-    - ``f``: the barrier with ``a = (1 - margin) * B`` (``B`` the target) and ``b`` the
-      session's current budget (the target, or its annealed value); capped when ``V >= b``
-      (counted in ``capped_steps``).
+    - ``f``: the barrier with ``b`` the session's current budget (the target, or its annealed
+      value) and ``a = (1 - margin) * B`` (``B`` the target; ``margin_of="target"``) or
+      ``a = (1 - margin) * b`` (``margin_of="current"``); capped when ``V >= b`` (counted in
+      ``capped_steps``).
 
     Hard pruning keeps the alive channels; if they cost more than the budget, the least open
     per unit of marginal cost are dropped until it fits (listed in ``dropped``).
 
     Args:
         lambda_: weight of the penalty (>= 0).
-        margin: ``a = (1 - margin) * B``, in (0, 1).
+        margin: the width of the band below the budget where ``f = 0``, in (0, 1).
+        margin_of: ``"target"``: ``a = (1 - margin) * B`` for the whole run, so while the budget
+            anneals the barrier pushes every step until the network is under the final target;
+            ``"current"``: ``a = (1 - margin) * b(t)``, so it pushes only while the network is
+            above the annealed budget and the gates close along the schedule.
         penalty: ``"cost"`` or ``"channels"``.
         gate_lr: learning rate of the gates' optimizer.
         init_log_alpha: the gates start at ``log_alpha ~ U(init_log_alpha, init_log_alpha + 0.01)``:
@@ -60,7 +65,8 @@ class BarrierPenalty(Method):
     GATE_OPTIMIZERS = ("adam", "sgd")
 
     def __init__(self, lambda_: float = 0.01, margin: float = 0.05, penalty: str = "cost", gate_lr: float = 0.02, cap: float = 1e3,
-                 residual: str = "mixed", gate_optimizer: str = "adam", init_log_alpha: float = 0.0) -> None:
+                 residual: str = "mixed", gate_optimizer: str = "adam", init_log_alpha: float = 0.0,
+                 margin_of: str = "target") -> None:
         super().__init__()
         self.residual = self.check_residual(residual)
         self.lambda_ = finite_real("lambda_", lambda_)
@@ -69,6 +75,9 @@ class BarrierPenalty(Method):
         self.margin = finite_real("margin", margin)
         if not 0 < self.margin < 1:
             raise ValueError(f"margin must be in (0, 1), got {margin}")
+        if margin_of not in Budget.MARGINS_OF:
+            raise ValueError(f"margin_of must be one of {Budget.MARGINS_OF}, got {margin_of!r}")
+        self.margin_of = margin_of
         if penalty not in self.PENALTIES:
             raise ValueError(f"penalty must be 'cost' or 'channels', got {penalty!r}")
         self.penalty = penalty
@@ -98,7 +107,7 @@ class BarrierPenalty(Method):
         expected = session.cost_model.expected(probs, session.cost)
         v = float(session.current_cost())
         budget = session.budget
-        f = budget.barrier(v, session.progress, self.margin, self.cap)
+        f = budget.barrier(v, session.progress, self.margin, self.cap, self.margin_of)
         if f.capped:
             self.capped_steps += 1
         if self.penalty == "channels":
