@@ -14,6 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from lightning_prune.bench import METHODS, BudgetExceeded, dense, prune, report, result_path
+from lightning_prune.bench.report import BEGIN, END
 from lightning_prune.bench import methods as bench_methods
 from lightning_prune.configs import config_dir
 
@@ -81,9 +82,17 @@ def test_the_report_is_the_same_every_time(folder: Path) -> None:
     for method in ("random", "width"):
         for seed in (0, 1):
             prune(bench_cfg(folder, "task=lenet5_mnist", f"method={method}", "budget.factor=3", f"seed={seed}"))
-    first = report(folder, "results-toy")
-    text = (folder / "RESULTS.md").read_text()
-    assert report(folder, "results-toy") == first and (folder / "RESULTS.md").read_text() == text
+    readme = folder / "README.md"
+    readme.write_text(f"# a project\n\n{BEGIN}\nold table\n{END}\n\nmore text\n")
+    first = report(folder, "results-toy", readme=readme)
+    text, summary = (folder / "RESULTS.md").read_text(), readme.read_text()
+    assert report(folder, "results-toy", readme=readme) == first and (folder / "RESULTS.md").read_text() == text
+    assert readme.read_text() == summary and "old table" not in summary and summary.endswith("more text\n")
+    row = next(line for line in summary.splitlines() if line.startswith("| random |"))
+    assert "(n=2)" in row and "`lightning-prune-bench -m task=lenet5_mnist method=random budget.cost=macs budget.factor=3 seed=0,1`" in row
+    readme.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="has no section between"):
+        report(folder, "results-toy", readme=readme)
     assert text.count("<!-- bench:begin") == 1 and "| random | 2 |" in text and "| width | 2 |" in text
     assert "±" in text and (folder / "bench_lenet5_mnist.png").stat().st_size > 0
 

@@ -3,7 +3,10 @@ job per Hydra job; ``-m`` sweeps tasks x methods x budgets x seeds with any laun
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
+from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
 from lightning_prune.bench.report import report
@@ -20,7 +23,8 @@ def main(cfg: DictConfig) -> float | None:
     if cfg.stage == "dense":
         return float(dense(cfg)["test_accuracy"])
     if cfg.stage == "report":
-        print(report(bench_dir(cfg), "results-toy" if cfg.toy else "results"))
+        readme = Path(to_absolute_path(cfg.readme)) if cfg.readme else None
+        print(report(bench_dir(cfg), "results-toy" if cfg.toy else "results", readme=readme))
         return None
     return float(prune(cfg)["test_accuracy"])
 

@@ -91,6 +91,37 @@ def tables(rows: Iterable[Mapping[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def summary(rows: Iterable[Mapping[str, Any]]) -> str:
+    """Markdown for the README: per task, one row per method (variants are in RESULTS.md only),
+    one column per budget (test accuracy, mean ± std over the seeds, and the seed count), and
+    the one command that reproduces the row."""
+    by_task: dict[str, dict[str, dict[tuple[str, float], list[Mapping[str, Any]]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for r in rows:
+        if "+" not in r["method"]:
+            by_task[r["task"]][r["method"]][(r["cost"], float(r["factor"]))].append(r)
+    out = []
+    for task, methods in sorted(by_task.items()):
+        budgets = sorted({b for cells in methods.values() for b in cells})
+        dense = statistics.mean(r["dense_test_accuracy"] for cells in methods.values() for runs in cells.values() for r in runs)
+        out.append(f"**{task}** (dense network {dense:.2f}%): test accuracy (%), mean ± std over n seeds\n")
+        out.append("| method | " + " | ".join(f"{cost} 1/{factor:g}" for cost, factor in budgets) + " | reproduce |")
+        out.append("|---|" + "---|" * len(budgets) + "---|")
+        for method in sorted(methods, key=_order):
+            cells = methods[method]
+            row = [f"{method} (masks only)" if next(iter(cells.values()))[0]["reference"] else method]
+            for budget in budgets:
+                runs = cells.get(budget, [])
+                row.append(f"{_mean_std([r['test_accuracy'] for r in runs])} (n={len(runs)})" if runs else "")
+            commands = []
+            for cost in sorted({c for c, _ in cells}):
+                factors = ",".join(f"{f:g}" for c, f in sorted(cells) if c == cost)
+                seeds = ",".join(str(s) for s in sorted({int(r["seed"]) for (c, _), runs in cells.items() if c == cost for r in runs}))
+                commands.append(f"`lightning-prune-bench -m task={task} method={method} budget.cost={cost} budget.factor={factors} seed={seeds}`")
+            out.append("| " + " | ".join(row + ["; ".join(commands)]) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def plot(rows: Iterable[Mapping[str, Any]], folder: Path) -> list[Path]:
     """Per task: test accuracy against MACs (log axis), mean over seeds per method and budget,
     with the published points; saved as ``bench_<task>.png`` in ``folder``."""
@@ -125,17 +156,32 @@ def plot(rows: Iterable[Mapping[str, Any]], folder: Path) -> list[Path]:
 def write_results_md(path: Path, text: str) -> None:
     """Replace the generated section of ``path`` (between the markers) by ``text``; append it
     (with the markers) when the file has none."""
-    body = path.read_text() if path.exists() else "# Benchmark results\n"
-    section = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in body and END in body:
-        head, rest = body.split(BEGIN, 1)
-        body = head + section + rest.split(END, 1)[1]
-    else:
-        body = body.rstrip("\n") + "\n\n## Benchmark suite\n\n" + section + "\n"
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    body = _replace_section(old, text)
+    if body is None:
+        body = old.rstrip("\n") + f"\n\n## Benchmark suite\n\n{BEGIN}\n{text}\n{END}\n"
     path.write_text(body)
 
 
-def report(bench_dir: Path, results: str = "results") -> str:
+def _replace_section(body: str, text: str) -> str | None:
+    """``body`` with the text between the markers replaced, or None when it has no markers."""
+    if BEGIN not in body or END not in body:
+        return None
+    head, rest = body.split(BEGIN, 1)
+    return head + f"{BEGIN}\n{text}\n{END}" + rest.split(END, 1)[1]
+
+
+def write_readme(path: Path, text: str) -> None:
+    """Replace the generated section (between the markers) of the README at ``path``."""
+    body = _replace_section(path.read_text(), text) if path.exists() else None
+    if body is None:
+        raise ValueError(f"readme: {path} has no section between {BEGIN!r} and {END!r} to rewrite")
+    path.write_text(body)
+
+
+def report(bench_dir: Path, results: str = "results", readme: Path | None = None) -> str:
+    """Rewrite RESULTS.md's tables and the plots in ``bench_dir`` from ``bench_dir / results``,
+    and the summary table of ``readme`` when one is given; return RESULTS.md's section."""
     rows = load_results(bench_dir / results)
     if not rows:
         raise FileNotFoundError(f"no result files in {bench_dir / results}: run the benchmark first")
@@ -144,4 +190,6 @@ def report(bench_dir: Path, results: str = "results") -> str:
     text += ("\nPublished reference (Torch-Pruning's benchmark, ResNet-56 / CIFAR-10, MACs 2.12x fewer): "
              + "; ".join(f"{name} {base}% -> {pruned}%" for name, base, pruned, _ in TORCH_PRUNING_RESNET56) + ".\n")
     write_results_md(bench_dir / "RESULTS.md", text)
+    if readme is not None:
+        write_readme(Path(readme), summary(rows))
     return text
