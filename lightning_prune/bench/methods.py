@@ -84,7 +84,7 @@ def bar(run: Run) -> nn.Module:
     m = run.cfg.method
     soft = max(1, min(run.epochs - 1, round(run.epochs * m.soft_fraction)))
     callbacks = [
-        BudgetAwareRegularization(**_common(run), lambda_=m.lambda_, margin=m.margin, margin_of=m.margin_of, gate_lr=m.gate_lr,
+        BudgetAwareRegularization(**_common(run), lambda_=m.lambda_, margin=m.margin, margin_of=m.margin_of, cap=m.cap, gate_lr=m.gate_lr,
                                   gate_optimizer=m.gate_optimizer, init_log_alpha=m.init_log_alpha, penalty=m.penalty,
                                   distillation=m.distillation),
         SigmoidalBudgetAnnealing(soft, hardness=m.hardness),
