@@ -2,10 +2,12 @@
 
 from lightning_prune.core.budget import Budget, SigmoidalTransition
 from lightning_prune.core.cost import CostModel, CostReport, count_cost
+from lightning_prune.core.deploy import export_onnx, export_program
 from lightning_prune.core.export import export, load_checkpoint, load_pruned, save_pruned
 from lightning_prune.core.folding import shrink_as_masked
 from lightning_prune.core.gating import GateSet, attach_gates, attached_gates
 from lightning_prune.core.graph import ChannelGraph, ChannelGroup, random_masks
+from lightning_prune.core.inference import fold_batchnorm
 from lightning_prune.core.session import PruningSession, session_of
 from lightning_prune.core.surgery import enable_pruned_loading, pruning_history, replay, shrink
 from lightning_prune.core.trace import build_graph
@@ -28,6 +30,9 @@ __all__ = [
     "count_cost",
     "enable_pruned_loading",
     "export",
+    "export_onnx",
+    "export_program",
+    "fold_batchnorm",
     "load_checkpoint",
     "load_pruned",
     "pruning_history",

@@ -8,6 +8,7 @@ Files written by :func:`save_pruned` hold only plain data and tensors, so they l
      "history": the pruning history (see lightning_prune.core.surgery.pruning_history) or None,
      "decompositions": [{"kind": "svd", "layer": "classifier.1", "ranks": [50], "after_steps": 1},
                         {"kind": "tucker2", "layer": "features.2", "ranks": [10, 12], "after_steps": 1}, ...],
+     "inference": {"folded": [["features.0", "features.1"], ...]},  (version 3 only)
      "state_dict": the compressed network's state dict}
 
 ``architecture`` is a Hydra-style description (``_target_`` plus keyword arguments, e.g. the
@@ -20,6 +21,13 @@ instance in their order: channel pruning (the ``steps`` of ``history``, see
 (``"svd"``: rank ``[r]``, ``"tucker2"``: ranks ``[r_in, r_out]``, each applied after
 ``after_steps`` pruning steps; see :mod:`lightning_prune.core.decomposition`). Then the weights
 are loaded. Version 1 files (no ``decompositions``) are read too.
+
+A network exported for inference (``export(..., inference=True)``, see
+:mod:`lightning_prune.core.inference`) has batch norms folded into the layers before them; its
+file records the folded ``[layer, batch norm]`` pairs under ``inference`` and is written as
+version 3 (a file without folded batch norms stays version 2, readable by earlier releases).
+:func:`load_pruned` rebuilds the network, replays its structural steps, folds the same pairs and
+then loads the weights.
 
 :func:`load_pruned` rebuilds ``architecture`` only for targets inside ``ALLOWED_TARGETS``
 (``lightning_prune.models``, ``lightning_prune.archcomp.models`` and ``torchvision.models``:
@@ -53,15 +61,18 @@ from lightning_prune.core.graph import zero_inputs
 from lightning_prune.core.decomposition import KINDS as DECOMPOSITION_KINDS
 from lightning_prune.core.decomposition import decompositions, replay_decomposition
 
+from lightning_prune._checks import check_bool
 from lightning_prune.core.gating import GateSet, attached_gates
 from lightning_prune.core.folding import shrink_as_masked
+from lightning_prune.core.inference import fold_batchnorm, fold_pairs, folded_layers
 from lightning_prune.core.surgery import enable_pruned_loading, pruned_loading_enabled, pruning_history, replay
 
 __all__ = ["export", "save_pruned", "load_pruned", "load_checkpoint", "ALLOWED_TARGETS"]
 
 FORMAT = "lightning-prune"
 VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1: no "decompositions"
+INFERENCE_VERSION = 3  # version 2 plus "inference" (folded batch norms); written only when something was folded
+READABLE_VERSIONS = (1, 2, 3)  # version 1: no "decompositions"
 ALLOWED_TARGETS = ("lightning_prune.models.", "lightning_prune.archcomp.models.", "torchvision.models.")
 # Constructor arguments that make a builder load pretrained weights (a download for torchvision);
 # a file may only set them to None or False.
@@ -99,7 +110,14 @@ def record_budget(network: nn.Module, cost: str, target: float, full: float, exa
     }
 
 
-def export(module: nn.Module, *, allow_over_budget: bool = False) -> nn.Module:
+def export(
+    module: nn.Module,
+    *,
+    allow_over_budget: bool = False,
+    inference: bool = False,
+    example_input: Tensor | tuple[Tensor, ...] | None = None,
+    channels_last: bool | None = None,
+) -> nn.Module:
     """A plain copy of the pruned network inside ``module``, physically shrunk, without gates.
 
     - If gates are attached (to ``module`` or to a network inside it, e.g. a LightningModule's
@@ -115,9 +133,24 @@ def export(module: nn.Module, *, allow_over_budget: bool = False) -> nn.Module:
         allow_over_budget: export even if the network costs more than the budget a pruning
             callback set for it (a run that ended before hard pruning). By default that is
             a ``ValueError``.
+        inference: return the network for inference: in eval mode, with every batch norm that
+            directly follows a convolution or linear layer feeding only it folded into that
+            layer (:func:`lightning_prune.core.inference.fold_batchnorm`; the others stay).
+        example_input: with ``inference=True``, a batch on which the folding is traced and
+            checked; default: random inputs of the shapes the pruning history records (a
+            network that was never pruned needs it).
+        channels_last: store the weights of 2-D convolutions in ``torch.channels_last`` memory
+            format (``module.to(memory_format=torch.channels_last)``; the outputs are the same).
+            Default ``None``: yes with ``inference=True`` when the network has a 2-D convolution,
+            no otherwise. On a CPU (one thread, batch 256, timed interleaved) a shrunk ResNet-20
+            ran in 0.57-0.59 of its time with contiguous weights.
     """
-    if not isinstance(allow_over_budget, bool):
-        raise TypeError(f"allow_over_budget must be a bool, got {type(allow_over_budget).__name__}")
+    check_bool("allow_over_budget", allow_over_budget)
+    check_bool("inference", inference)
+    if channels_last is not None and not isinstance(channels_last, bool):
+        raise TypeError(f"channels_last must be a bool or None, got {type(channels_last).__name__}")
+    if example_input is not None and not inference:
+        raise ValueError("example_input is used only with inference=True (to fold the batch norms)")
     out = _plain_copy(module)
     budget = out.__dict__.get(BUDGET_ATTR)
     if budget is not None and not allow_over_budget:
@@ -132,6 +165,12 @@ def export(module: nn.Module, *, allow_over_budget: bool = False) -> nn.Module:
                 f"({100 * spent / budget['full']:.1f}% of {budget['full']:,.0f}): it was not hard-pruned (did the run "
                 "end before HardPruning's at_epoch?); pass allow_over_budget=True to export it anyway"
             )
+    if inference:
+        fold_batchnorm(out, example_input)
+    if channels_last is None:
+        channels_last = inference and any(isinstance(m, nn.Conv2d) for m in out.modules())
+    if channels_last:
+        out.to(memory_format=torch.channels_last)
     return out
 
 
@@ -186,21 +225,31 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def save_pruned(module: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str, Any] | None = None) -> None:
+def save_pruned(
+    module: nn.Module,
+    path: str | os.PathLike,
+    *,
+    architecture: Mapping[str, Any] | None = None,
+    inference: bool = False,
+    example_input: Tensor | tuple[Tensor, ...] | None = None,
+) -> None:
     """Export ``module`` (see :func:`export`) and save it to ``path`` in a ``weights_only`` file
     (layout: the module docstring). The structural steps recorded on the network (its pruning
-    history, its decompositions) are saved with it.
+    history, its decompositions, its folded batch norms) are saved with it.
 
     Args:
         architecture: ``{"_target_": "package.Constructor", **kwargs}`` rebuilding the
             network before any structural step, so that :func:`load_pruned` needs no ``model=``.
+        inference: save the inference form (``export(..., inference=True)``: batch norms folded);
+            :func:`load_pruned` folds the same batch norms before loading the weights.
+        example_input: with ``inference=True``, as for :func:`export`.
     """
     if architecture is not None:
         if not isinstance(architecture, Mapping) or not isinstance(architecture.get("_target_"), str):
             raise ValueError("architecture must be a mapping with a '_target_' string (and constructor keyword arguments)")
         _check_plain(architecture, "architecture")
         architecture = _plain(architecture)
-    net = export(module)
+    net = export(module, inference=inference, example_input=example_input, channels_last=False)
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -209,6 +258,9 @@ def save_pruned(module: nn.Module, path: str | os.PathLike, *, architecture: Map
         "decompositions": copy.deepcopy(decompositions(net) or []),
         "state_dict": net.state_dict(),
     }
+    folded = folded_layers(net)  # also when module itself was folded earlier
+    if folded:
+        payload.update(version=INFERENCE_VERSION, inference={"folded": [list(pair) for pair in folded]})
     torch.save(payload, path)
 
 
@@ -374,6 +426,20 @@ def _check_payload(payload: Any, where: str) -> None:
     ):
         raise ValueError(f"{where}: 'architecture' must be a mapping with a '_target_' string, or None")
     _check_decompositions(payload.get("decompositions", []), history, where)
+    _check_inference(payload.get("inference"), where)
+
+
+def _check_inference(record: Any, where: str) -> None:
+    """The ``inference`` entry: ``None`` or ``{"folded": [[layer, batch norm], ...]}``."""
+    if record is None:
+        return
+    if not isinstance(record, Mapping) or set(record) != {"folded"} or not isinstance(record["folded"], (list, tuple)):
+        raise ValueError(f"{where}: 'inference' must be a mapping {{'folded': [[layer, batch norm], ...]}} or None, "
+                         f"got {record!r}")
+    for i, pair in enumerate(record["folded"]):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(n, str) and n for n in pair):
+            raise ValueError(f"{where}: 'inference'['folded'][{i}] must be a [layer, batch norm] pair of module "
+                             f"names, got {pair!r}")
 
 
 def _check_decompositions(steps: Any, history: Mapping[str, Any] | None, where: str) -> None:
@@ -437,7 +503,8 @@ def load_pruned(
     path: str | os.PathLike, *, model: nn.Module | None = None, map_location: str | torch.device = "cpu"
 ) -> nn.Module:
     """Load a file written by :func:`save_pruned` (with ``torch.load(weights_only=True)``): the
-    network is built, its structural steps (channel pruning, decompositions) are replayed and
+    network is built, its structural steps (channel pruning, decompositions) are replayed, the
+    batch norms of an inference export are folded (see :mod:`lightning_prune.core.inference`) and
     the saved weights are loaded.
 
     Args:
@@ -464,6 +531,11 @@ def load_pruned(
     elif not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
     _rebuild(model, payload, where)
+    if payload.get("inference") is not None:
+        try:
+            fold_pairs(model, payload["inference"]["folded"])
+        except ValueError as error:
+            raise ValueError(f"{where}: its folded batch norms do not fit {type(model).__name__}: {error}") from error
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as error:
