@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback, ModelPruning
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from lightning_prune.bench.training import TOY_BATCHES, fit
+from lightning_prune.bench.training import TOY_BATCHES, dense_epochs, fit
 from lightning_prune.callbacks import (
     BudgetAwareRegularization,
     DirichletImportance,
@@ -118,7 +118,8 @@ def random(run: Run) -> nn.Module:
 
 def width(run: Run) -> nn.Module:
     """The widest uniformly thinned network under the budget (bisection on the multiplier),
-    trained from scratch for the dense epochs plus the pruning epochs."""
+    trained from scratch for the dense epochs (warm restart included) plus the pruning epochs,
+    with the dense recipe stretched over them."""
     build = lambda w: instantiate(run.cfg.task.model, num_classes=run.datamodule.num_classes, width=w)  # noqa: E731
     low, high = 0.0, 1.0
     for _ in range(30):
@@ -131,7 +132,7 @@ def width(run: Run) -> nn.Module:
         raise ValueError(f"width: no width multiplier meets the budget {run.target:,.0f} {run.cost}")
     run.info["width"] = low
     dense = run.cfg.task.dense
-    epochs = int(dense.epochs) + run.epochs
+    epochs = dense_epochs(run.cfg) + run.epochs
     run.info["epochs_from_scratch"] = epochs
     return fit(run.cfg, run.datamodule, build(low), dense, epochs, planned=int(dense.epochs))
 

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from lightning_prune.bench.methods import METHODS, REFERENCE, Run
-from lightning_prune.bench.training import fit, latency_ratios, plain, test_accuracy
+from lightning_prune.bench.training import dense_epochs, fit, latency_ratios, plain, test_accuracy
 from lightning_prune.core.cost import COSTS, count_cost
 from lightning_prune.core.cost.measure import output_widths
 from lightning_prune.core.export import read_torch_file
@@ -76,6 +76,8 @@ def toy_size(cfg: DictConfig) -> None:
     if cfg.toy:
         with open_dict(cfg):
             cfg.task.dense.epochs = 1
+            if cfg.task.dense.get("restart"):
+                cfg.task.dense.restart.epochs = 1
             cfg.task.prune.epochs = 2
 
 
@@ -105,8 +107,10 @@ def _environment(cfg: DictConfig) -> dict[str, Any]:
 
 
 def dense(cfg: DictConfig) -> dict[str, Any]:
-    """Train the task's dense network once (``task.dense`` recipe) and save its weights and a
-    JSON record next to it; an existing checkpoint is kept. ``dense_from=<file>`` takes the
+    """Train the task's dense network once (``task.dense`` recipe, then its warm restart
+    ``task.dense.restart`` when there is one: the same training continued with that recipe's
+    optimizer and schedule) and save its weights and a JSON record next to it; an existing
+    checkpoint is kept. ``dense_from=<file>`` takes the
     weights of a network trained elsewhere instead (a Lightning checkpoint of ``ImageClassifier``
     or a state dict), recorded as ``imported_from``; its recipe should be the task's."""
     path = checkpoint_path(cfg)
@@ -127,10 +131,13 @@ def dense(cfg: DictConfig) -> dict[str, Any]:
         load_network_weights(net, source)
     else:
         net = fit(cfg, datamodule, net, cfg.task.dense, int(cfg.task.dense.epochs))
+        restart = cfg.task.dense.get("restart")
+        if restart:
+            net = fit(cfg, datamodule, net, restart, int(restart.epochs))
     accuracy = test_accuracy(cfg, net, datamodule)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
-    payload = {"task": cfg.task.name, "test_accuracy": accuracy, "epochs": int(cfg.task.dense.epochs),
+    payload = {"task": cfg.task.name, "test_accuracy": accuracy, "epochs": dense_epochs(cfg),
                "imported_from": str(source) if source else None,
                "wall_seconds": time.perf_counter() - started, "recipe": plain(cfg.task.dense), **_environment(cfg)}
     _write_json(record, payload)

@@ -22,6 +22,12 @@ from lightning_prune.core.timing import median_latency
 TOY_BATCHES = 2  # batches per epoch (and test batches) at toy size
 
 
+def dense_epochs(cfg: DictConfig) -> int:
+    """Epochs of the task's dense recipe, its warm restart (``dense.restart``) included."""
+    restart = cfg.task.dense.get("restart")
+    return int(cfg.task.dense.epochs) + (int(restart.epochs) if restart else 0)
+
+
 def scheduler_for(node: DictConfig, epochs: int, planned: int) -> Any:
     """The recipe's scheduler factory stretched from ``planned`` to ``epochs`` epochs
     (cosine: ``T_max``; multi-step: the milestones scaled)."""
