@@ -304,6 +304,8 @@ CALLBACK_CASES: list[Any] = [
     pytest.param(_construct(HardPruning, at_epoch=-1), ValueError, ["at_epoch"], id="hard-negative-epoch"),
     pytest.param(_construct(HardPruning, at_epoch=1, freeze=False), ValueError, ["freeze"], id="hard-no-freeze"),
     pytest.param(_construct(HardPruning, at_epoch=1, widths="4"), TypeError, ["widths"], id="hard-widths-a-string"),
+    pytest.param(_construct(HardPruning, at_epoch=1, round_to=0), ValueError, ["round_to", ">= 1"], id="hard-round-to-0"),
+    pytest.param(_construct(HardPruning, at_epoch=1, round_to="8"), TypeError, ["round_to", "str"], id="hard-round-to-a-string"),
     pytest.param(_fit(_bar(module="encoder")), ValueError, ["module", "encoder"], id="fit-unknown-module"),
     pytest.param(_fit(_bar(factor=1e4, cost="macs", example_input=TINY)), ValueError, ["budget", "one channel per"],
                  id="fit-unreachable-budget"),
@@ -323,6 +325,8 @@ CALLBACK_CASES: list[Any] = [
                  id="fit-widths-too-few"),
     pytest.param(_fit(_bar(factor=4, cost="macs"), _hard(widths=[8, 12])), ValueError, ["widths", "over the budget"],
                  id="fit-widths-over-budget"),
+    pytest.param(_fit(_bar(), _hard(widths=[6, 12], round_to=4)), ValueError,
+                 ["widths['conv1']", "multiple of round_to=4", "got 6"], id="fit-widths-not-multiples"),
 ]
 
 

@@ -38,6 +38,15 @@ class HardPruning(Callback):
         widths: optional explicit channels per group instead of the budget-driven choice:
             ``{group name: channels}``, or a list with one number per group in network order
             (e.g. ``[5, 8, 15]`` for LeNet-5's groups features.0, features.2, classifier.1).
+        round_to: optional hardware-friendly widths: every group keeps a multiple of
+            ``round_to`` channels (e.g. 8 or 16 for the vector and matrix units that compute
+            whole tiles of channels), or its full width (a group narrower than ``round_to``
+            stays whole; a residual branch of a mixed-connectivity block may be removed). The
+            method's choice is rounded to the nearest multiple by its channel scores, then
+            narrowed ``round_to`` channels at a time (the group losing the least score per unit
+            of cost saved) until the exact cost meets the budget; a ``ValueError`` if it
+            cannot (:func:`lightning_prune.core.allocation.round_widths`). With ``widths``,
+            each must be such a multiple (checked before training).
         plot: save ``alive_channels.png`` (channels per group before and after) in the log folder.
     """
 
@@ -48,6 +57,7 @@ class HardPruning(Callback):
         shrink: bool = True,
         freeze: bool = True,
         widths: Mapping[str, int] | Sequence[int] | None = None,
+        round_to: int | None = None,
         plot: bool = True,
         verbose: bool = True,
     ) -> None:
@@ -58,6 +68,7 @@ class HardPruning(Callback):
             raise ValueError("freeze must be True: hard-pruned gates are fixed masks (Lemaire et al. 2019, supplementary material, Sec. 3.1)")
         if widths is not None and (isinstance(widths, str) or not isinstance(widths, (Mapping, Sequence))):
             raise TypeError("widths must be a mapping {group name: channels to keep}, a list (one per group) or None")
+        self.round_to = None if round_to is None else check_int("round_to", round_to, 1)
         self.shrink = shrink
         self.freeze = freeze
         self.widths = dict(widths) if isinstance(widths, Mapping) else list(widths) if widths is not None else None
@@ -84,7 +95,7 @@ class HardPruning(Callback):
         session = require_session(pl_module, "HardPruning")
         session.hard_pruning_epoch = self.at_epoch
         if self.widths is not None:
-            session.when_traced(lambda s: s.check_widths(self.widths) if s.active else None)
+            session.when_traced(lambda s: s.check_widths(self.widths, round_to=self.round_to) if s.active else None)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._maybe_prune(trainer, pl_module)
@@ -98,7 +109,7 @@ class HardPruning(Callback):
             self.prune(trainer, session)
 
     def prune(self, trainer: L.Trainer, session: PruningSession) -> None:
-        masks = session.keep_masks(self.widths)
+        masks = session.keep_masks(self.widths, round_to=self.round_to)
         dropped = getattr(session.method, "dropped", None)
         if dropped and self.widths is None and self.verbose:
             rank_zero_warn(
@@ -122,7 +133,8 @@ class HardPruning(Callback):
         self.summary = {
             "table": layer_table(before.cost, after.cost, before.widths, after.widths),
             "removed": list(removed),
-            "line": f"{session.cost} {cost:,} <= budget {budget.target:,.0f} ({100 * cost / budget.full:.1f}% of {budget.full:,.0f})",
+            "line": f"{session.cost} {cost:,} <= budget {budget.target:,.0f} ({100 * cost / budget.full:.1f}% of {budget.full:,.0f})"
+            + (f", widths multiples of {self.round_to}" if self.round_to is not None else ""),
             "widths_before": widths_before,
             "widths_after": widths_after,
             "title": f"{session.method.name}: {session.cost} budget {budget.target:,.0f}",

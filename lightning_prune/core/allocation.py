@@ -5,6 +5,9 @@ the budget, and Dirichlet importances are turned into per-layer widths by the sa
 rule: drop the kept channel with the lowest score per unit of cost until the exact cost is at
 or under the target. Scores are only compared, so any monotone importance works (open
 probabilities, Dirichlet posterior means scaled by the group size).
+
+:func:`round_widths` then makes every group's width a multiple of ``k`` (hardware-friendly
+widths: vector units and matrix kernels run whole tiles of channels), again under the budget.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_prune._checks import check_int
 from lightning_prune.core.cost.model import CostModel
 
 
@@ -133,3 +137,162 @@ def top_k_masks(scores: Mapping[str, Tensor], widths: Mapping[str, int], may_emp
         mask[torch.topk(s, k).indices] = True
         masks[name] = mask
     return masks
+
+
+def _allowed_widths(size: int, k: int, limit: int, may_empty: bool) -> list[int]:
+    """The widths (ascending) a group of ``size`` channels may keep under :func:`round_widths`
+    when at most ``limit`` of its channels can be kept: the multiples of ``k``, the full
+    ``size`` (when all of it can be kept), and 0 for a branch group."""
+    allowed = set(range(k, limit + 1, k))
+    if limit == size:
+        allowed.add(size)
+    if may_empty:
+        allowed.add(0)
+    return sorted(allowed)
+
+
+def _resize(mask: Tensor, score: Tensor, width: int, eligible: Tensor | None = None) -> list[int]:
+    """Make ``mask`` keep ``width`` channels, in place: add back the highest-scoring dropped
+    channels (among the ``eligible`` ones) or drop the lowest-scoring kept ones (ties: the
+    lower index first). Returns the indices dropped."""
+    kept = int(mask.sum())
+    if width > kept:
+        pool = ~mask if eligible is None else ~mask & eligible
+        candidates = pool.nonzero().flatten()
+        order = torch.argsort(score[candidates], descending=True, stable=True)
+        mask[candidates[order[: width - kept]]] = True
+        return []
+    kept_idx = mask.nonzero().flatten()
+    drop = kept_idx[torch.argsort(score[kept_idx], stable=True)[: kept - width]]
+    mask[drop] = False
+    return drop.tolist()
+
+
+def round_widths(
+    cost_model: CostModel,
+    cost: str,
+    target: float,
+    scores: Mapping[str, Tensor],
+    masks: Mapping[str, Tensor],
+    k: int,
+) -> Allocation:
+    """Round the keep-masks ``masks`` (e.g. a method's choice under the budget) so that every
+    group keeps a multiple of ``k`` channels, then drop channels until the exact cost is at or
+    under ``target``.
+
+    Which widths a group may keep: a multiple of ``k``; its full width (a group of fewer than
+    ``k`` channels keeps all of them); and, for the branch group of a mixed-connectivity
+    residual block, 0 (the branch is removed). Only the branch channels whose stream channel
+    is kept are computed (:meth:`~lightning_prune.core.graph.ChannelGraph.effective_masks`), so
+    a branch group's width counts those (its returned mask keeps no other channel), and its
+    full width is allowed only while the whole stream it adds into is kept.
+
+    1. Rounding: each group's kept count goes to the nearest allowed width (ties: the
+       narrower), streams and other groups first, then branch groups (a branch's count being
+       at most the channels whose stream channel is kept), by ``scores``: the highest-scoring
+       dropped channels come back, or the lowest-scoring kept ones go.
+    2. Repair: while the exact cost is over ``target``, the group whose next narrower allowed
+       width (``k`` channels fewer, the lowest-scoring) has the lowest ``dropped score / cost
+       saved`` steps down to it (the cost saved is exact, evaluated with ``cost_model``). A
+       group never goes below ``k`` channels (below its full width when that is less than
+       ``k``), a branch group may go to 0; narrowing a stream narrows the branches adding into
+       it, which are rounded down with it.
+
+    Args:
+        cost_model: the cost model of the network.
+        cost: ``"volume"``, ``"macs"`` or ``"params"``.
+        target: the budget, in units of ``cost`` per sample (``math.inf``: round only).
+        scores: ``{group: (size,) tensor}``, higher = more important; a group missing here is
+            ranked by channel index (the first channels first) and never narrowed in the repair.
+        masks: the starting keep-masks (groups not given keep every channel).
+        k: the width multiple, an int >= 1.
+
+    Returns:
+        The masks, their exact cost, and ``dropped``: the channels kept in ``masks`` but not
+        in the result.
+
+    Raises:
+        ValueError: the target cannot be met with widths that are multiples of ``k``.
+    """
+    check_int("k", k, 1)
+    graph = cost_model.graph
+    groups = graph.groups
+    keep = {name: m.clone() for name, m in graph.check_masks(masks, allow_empty=True).items()}
+    start = {name: m.clone() for name, m in keep.items()}
+    score: dict[str, Tensor] = {}
+    for name, group in groups.items():
+        if name in scores:
+            s = torch.as_tensor(scores[name], dtype=torch.float64).detach().cpu()
+            if s.shape != (group.size,):
+                raise ValueError(f"scores[{name!r}] must have shape ({group.size},), got {tuple(s.shape)}")
+        else:
+            s = -torch.arange(group.size, dtype=torch.float64)
+        score[name] = s
+    branches_of: dict[str, list[str]] = {}
+    for name in graph.branch_names:
+        branches_of.setdefault(groups[name].stream, []).append(name)
+    into = {name: torch.tensor(groups[name].into, dtype=torch.long) for name in graph.branch_names}
+
+    def allowed(name: str, state: Mapping[str, Tensor]) -> tuple[list[int], Tensor | None]:
+        group = groups[name]
+        if not group.is_branch:
+            return _allowed_widths(group.size, k, group.size, False), None
+        eligible = state[group.stream][into[name]]
+        return _allowed_widths(group.size, k, int(eligible.sum()), True), eligible
+
+    # 1. Rounding to the nearest allowed width.
+    for name in [n for n in groups if not groups[n].is_branch] + list(graph.branch_names):
+        widths, eligible = allowed(name, keep)
+        count = int(keep[name].sum())
+        if eligible is not None:
+            count = min(count, int(eligible.sum()))
+            keep[name] &= eligible
+        width = min(widths, key=lambda w: (abs(w - count), w))
+        _resize(keep[name], score[name], width, eligible)
+
+    def narrower(name: str) -> tuple[dict[str, Tensor], float] | None:
+        """The masks changed by stepping ``name`` down to its next allowed width, and the score
+        of the channels dropped (None: it is as narrow as it may be)."""
+        widths, _ = allowed(name, keep)
+        below = [w for w in widths if w < int(keep[name].sum())]
+        if not below:
+            return None
+        changed = {name: keep[name].clone()}
+        dropped = _resize(changed[name], score[name], below[-1])
+        value = float(score[name][dropped].sum())
+        for branch in branches_of.get(name, ()):
+            mask = keep[branch] & changed[name][into[branch]]  # its channels adding into dropped ones go
+            widths, _ = allowed(branch, {**keep, **changed})
+            _resize(mask, score[branch], max(w for w in widths if w <= int(mask.sum())))
+            value += float(score[branch][keep[branch] & ~mask].sum())
+            changed[branch] = mask
+        return changed, value
+
+    # 2. Repair: step down the group with the lowest dropped score per unit of cost saved.
+    current = cost_model.exact(keep, cost)
+    while current > target:
+        best: tuple[float, dict[str, Tensor], int] | None = None
+        for name in groups:
+            if name not in scores:
+                continue
+            step = narrower(name)
+            if step is None:
+                continue
+            changed, value = step
+            after = cost_model.exact({**keep, **changed}, cost)
+            if after >= current:
+                continue
+            ratio = value / (current - after)
+            if best is None or ratio < best[0]:
+                best = (ratio, changed, after)
+        if best is None:
+            raise ValueError(
+                f"round_to: with every group's width a multiple of {k} (or its full width"
+                + (", or 0 for a residual branch" if graph.branch_names else "")
+                + f") the {cost} budget {target:,.0f} cannot be met: with every group as narrow as that allows, "
+                f"the network still costs {current:,}"
+            )
+        keep.update(best[1])
+        current = best[2]
+    dropped = {name: (start[name] & ~keep[name]).nonzero().flatten().tolist() for name in groups}
+    return Allocation(masks=keep, cost=current, dropped={n: d for n, d in dropped.items() if d})

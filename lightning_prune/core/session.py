@@ -25,6 +25,7 @@ hooks; a training loop of your own calls the same methods::
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,7 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.core.allocation import minimum_cost, top_k_masks
+from lightning_prune._checks import check_int
+from lightning_prune.core.allocation import minimum_cost, round_widths, top_k_masks
 from lightning_prune.core.budget import Budget, resolve_budget
 from lightning_prune.core.cost import CostModel, CostReport, count_cost
 from lightning_prune.core.cost.measure import output_widths
@@ -226,9 +228,12 @@ class PruningSession:
         return True
 
     # -- keep-masks and hard pruning -------------------------------------------------------------
-    def check_widths(self, widths: Mapping[str, int] | Sequence[int]) -> dict[str, int]:
+    def check_widths(self, widths: Mapping[str, int] | Sequence[int], *, round_to: int | None = None) -> dict[str, int]:
         """``widths`` (a ``{group: channels}`` mapping, or a list in group order) checked against
-        the channel groups and the budget; returned as a mapping."""
+        the channel groups and the budget (and, with ``round_to``, each a multiple of it or the
+        group's full width); returned as a mapping."""
+        if round_to is not None:
+            check_int("round_to", round_to, 1)
         names = self.graph.names
         if not isinstance(widths, Mapping):
             widths = list(widths)
@@ -244,6 +249,11 @@ class PruningSession:
             low = 0 if groups[name].is_branch else 1  # a mixed residual branch may be removed
             if not low <= width <= groups[name].size:
                 raise ValueError(f"widths[{name!r}] must be in {low}..{groups[name].size} (the group's channels), got {width}")
+            if round_to is not None and width % round_to and width != groups[name].size:
+                raise ValueError(
+                    f"widths[{name!r}] must be a multiple of round_to={round_to} or the group's full width "
+                    f"{groups[name].size}, got {width}"
+                )
         masks = {**self.graph.full_masks(), **{n: torch.arange(groups[n].size) < w for n, w in widths.items()}}
         cost = self.cost_model.exact(masks, self.cost)
         if cost > self.budget.target:
@@ -253,16 +263,34 @@ class PruningSession:
             )
         return dict(widths)
 
-    def keep_masks(self, widths: Mapping[str, int] | Sequence[int] | None = None) -> dict[str, Tensor]:
+    def keep_masks(
+        self, widths: Mapping[str, int] | Sequence[int] | None = None, *, round_to: int | None = None
+    ) -> dict[str, Tensor]:
         """Keep-masks at or under the budget, chosen by the method; or ``widths`` channels per
-        group, the method's highest-scoring ones."""
+        group, the method's highest-scoring ones.
+
+        ``round_to``: every group keeps a multiple of ``round_to`` channels (or its full
+        width; a residual branch of a mixed-connectivity block may keep none), starting from
+        the method's choice, rounded by the method's scores and repaired to stay under the
+        budget (:func:`~lightning_prune.core.allocation.round_widths`; a ``ValueError`` if the
+        budget cannot be met so). With ``widths``, each must be such a multiple already; a
+        branch then keeps only channels whose stream channel is kept.
+        """
+        if round_to is not None:
+            check_int("round_to", round_to, 1)
         if not self.active:
             raise RuntimeError(f"keep_masks: the session is {self.phase}, not in the soft phase")
         if widths is not None:
-            widths = self.check_widths(widths)
-            masks = {**self.graph.full_masks(), **top_k_masks(self.method.scores(self), widths, self.graph.branch_names)}
+            widths = self.check_widths(widths, round_to=round_to)
+            scores = self.method.scores(self)
+            masks = {**self.graph.full_masks(), **top_k_masks(scores, widths, self.graph.branch_names)}
+            if round_to is not None:  # the widths are multiples: this only picks branch channels that are computed
+                masks = round_widths(self.cost_model, self.cost, math.inf, scores, masks, round_to).masks
         else:
             masks = self.method.keep_masks(self)
+            if round_to is not None:
+                scores = self.method.scores(self)
+                masks = round_widths(self.cost_model, self.cost, self.budget.target, scores, masks, round_to).masks
         self.budget.check(self.cost_model.exact(masks, self.cost), "internal: the keep-masks")
         return masks
 
