@@ -292,6 +292,7 @@ CALLBACK_CASES: list[Any] = [
     pytest.param(_construct(BudgetAwareRegularization, factor=2, margin=1.0), ValueError, ["margin"], id="bar-margin"),
     pytest.param(_construct(BudgetAwareRegularization, factor=2, margin_of="final"), ValueError, ["margin_of"], id="bar-margin-of"),
     pytest.param(_construct(BudgetAwareRegularization, factor=2, cap=0.0), ValueError, ["cap"], id="bar-cap"),
+    pytest.param(_construct(BudgetAwareRegularization, factor=2, fill="yes"), TypeError, ["fill"], id="bar-fill"),
     pytest.param(_construct(BudgetAwareRegularization, factor=2, gate_lr=0), ValueError, ["gate_lr"], id="bar-gate-lr"),
     pytest.param(_construct(BudgetAwareRegularization, factor=2, ignore="conv1"), TypeError, ["ignore"],
                  id="bar-ignore-a-string"),

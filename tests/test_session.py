@@ -109,6 +109,23 @@ def test_bar_repairs_alive_channels_over_the_budget_by_open_probability_per_cost
     assert kept1 == list(range(8 - len(kept1), 8))  # the most open conv1 channels stay
 
 
+def test_bar_spends_what_the_soft_phase_left_of_the_budget_on_the_most_open_closed_channels() -> None:
+    for fill in (True, False):
+        session = traced(BarrierPenalty(fill=fill), factor=4)  # volume: conv1 maps 64, conv2 maps 16, head 4; target 177
+        with torch.no_grad():
+            session.gates["conv1"].log_alpha.copy_(torch.tensor([2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0, -9.0]))
+            session.gates["conv2"].log_alpha.copy_(torch.tensor([2.0, 2.0, -2.5] + [-10.0] * 9))
+        assert session.current_cost() == 64 + 2 * 16 + 4  # alive: conv1 0, conv2 0 and 1
+        masks = session.keep_masks()
+        kept = {n: m.nonzero().flatten().tolist() for n, m in masks.items()}
+        if fill:  # conv2[2] is the most open closed channel; conv1[1] (64) no longer fits; then the other conv2 maps
+            assert kept["conv1"] == [0] and kept["conv2"] == [0, 1, 2, 3, 4, 5]
+            assert session.cost_model.exact(masks, "volume") == 64 + 6 * 16 + 4 <= session.budget.target
+            assert session.method.refilled == {"conv2": [2, 3, 4, 5]}
+        else:
+            assert kept["conv1"] == [0] and kept["conv2"] == [0, 1] and session.method.refilled == {}
+
+
 def test_random_choice_is_seeded_and_stops_at_the_budget() -> None:
     first = traced(RandomChoice(seed=3), factor=3).keep_masks()
     again = traced(RandomChoice(seed=3), factor=3).keep_masks()

@@ -84,7 +84,7 @@ def bar(run: Run) -> nn.Module:
     m = run.cfg.method
     soft = max(1, min(run.epochs - 1, round(run.epochs * m.soft_fraction)))
     callbacks = [
-        BudgetAwareRegularization(**_common(run), lambda_=m.lambda_, margin=m.margin, margin_of=m.margin_of, cap=m.cap, gate_lr=m.gate_lr,
+        BudgetAwareRegularization(**_common(run), lambda_=m.lambda_, margin=m.margin, margin_of=m.margin_of, cap=m.cap, fill=m.fill, gate_lr=m.gate_lr,
                                   gate_optimizer=m.gate_optimizer, init_log_alpha=m.init_log_alpha, penalty=m.penalty,
                                   distillation=m.distillation),
         SigmoidalBudgetAnnealing(soft, hardness=m.hardness),
@@ -96,6 +96,7 @@ def bar(run: Run) -> nn.Module:
     net = fit(run.cfg, run.datamodule, copy.deepcopy(run.dense), run.cfg.task.prune, run.epochs, callbacks)
     method = callbacks[0].method  # what hard pruning had to repair: the soft phase ended over budget
     run.info.update(repair_dropped={n: len(d) for n, d in method.dropped.items()}, capped_steps=method.capped_steps,
+                    refilled={n: len(d) for n, d in method.refilled.items()},
                     soft_phase=trace.epochs)
     return net
 

@@ -56,8 +56,9 @@ class BudgetAwareRegularization(GatedPruning):
             data loss's gradient moves every gate down at the same speed and closes them all at
             once; 0.01 keeps the two comparable (on LeNet-5 / MNIST the alive cost then follows
             the annealed budget, see benchmarks/RESULTS.md).
-        margin, margin_of, cap: the band below the budget where the barrier is 0 and the
-            barrier's largest value; see :class:`~lightning_prune.methods.BarrierPenalty`.
+        margin, margin_of, cap, fill: the band below the budget where the barrier is 0, the
+            barrier's largest value, and whether hard pruning spends what the soft phase left
+            of the budget; see :class:`~lightning_prune.methods.BarrierPenalty`.
         penalty: ``"cost"`` (the paper: the expected cost over the full cost) or ``"channels"``
             (the expected number of open channels over all channels).
         gate_lr: learning rate of the gates' optimizer.
@@ -85,6 +86,7 @@ class BudgetAwareRegularization(GatedPruning):
         margin: float = 0.05,
         margin_of: str = "target",
         cap: float = 1e3,
+        fill: bool = True,
         penalty: str = "cost",
         gate_lr: float = 0.02,
         gate_optimizer: str = "adam",
@@ -98,7 +100,7 @@ class BudgetAwareRegularization(GatedPruning):
         ignore: Sequence[str] = (),
         verbose: bool = True,
     ) -> None:
-        self._method_args = {"lambda_": lambda_, "margin": margin, "margin_of": margin_of, "cap": cap, "penalty": penalty, "gate_lr": gate_lr,
+        self._method_args = {"lambda_": lambda_, "margin": margin, "margin_of": margin_of, "cap": cap, "fill": fill, "penalty": penalty, "gate_lr": gate_lr,
                              "gate_optimizer": gate_optimizer, "init_log_alpha": init_log_alpha, "residual": residual}
         super().__init__(budget=budget, factor=factor, cost=cost, module=module, example_input=example_input,
                          ignore=ignore, verbose=verbose)

@@ -121,6 +121,39 @@ def fit_budget(
     return Allocation(masks=keep, cost=current, dropped={k: sorted(v) for k, v in dropped.items()})
 
 
+def fill_budget(
+    cost_model: CostModel,
+    cost: str,
+    target: float,
+    scores: Mapping[str, Tensor],
+    masks: Mapping[str, Tensor],
+) -> Allocation:
+    """Add dropped channels back, highest score first, as long as the exact cost stays at or
+    under ``target``: the counterpart of :func:`fit_budget` for masks that spend less than the
+    budget (a channel that does not fit is skipped and cheaper ones are still tried). Groups
+    missing from ``scores`` are left as they are; a removed mixed-connectivity branch gets
+    channels back only if its whole branch fits. ``dropped`` lists the channels added back."""
+    keep = {name: torch.as_tensor(m, dtype=torch.bool).detach().cpu().clone() for name, m in masks.items()}
+    current = cost_model.exact(keep, cost)
+    if current > target:
+        raise ValueError(f"fill_budget: the masks already cost {cost} {current:,}, over the target {target:,.0f}")
+    candidates = [
+        (float(s[i]), name, int(i))
+        for name, s in ((n, torch.as_tensor(v, dtype=torch.float64).detach().cpu()) for n, v in scores.items())
+        for i in torch.nonzero(~keep[name]).flatten().tolist()
+    ]
+    added: dict[str, list[int]] = {}
+    for _, name, i in sorted(candidates, key=lambda c: (-c[0], c[1], c[2])):
+        keep[name][i] = True
+        value = cost_model.exact(keep, cost)
+        if value <= target:
+            current = value
+            added.setdefault(name, []).append(i)
+        else:
+            keep[name][i] = False
+    return Allocation(masks=keep, cost=current, dropped={k: sorted(v) for k, v in added.items()})
+
+
 def top_k_masks(scores: Mapping[str, Tensor], widths: Mapping[str, int], may_empty: Iterable[str] = ()) -> dict[str, Tensor]:
     """Keep the ``widths[group]`` highest-scoring channels of each listed group (0 allowed for
     the groups in ``may_empty``: the branch groups of mixed-connectivity residual blocks)."""

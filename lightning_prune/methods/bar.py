@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.core.allocation import fit_budget
+from lightning_prune._checks import check_bool
+from lightning_prune.core.allocation import fill_budget, fit_budget
 from lightning_prune.core.budget import Budget, finite_real
 from lightning_prune.core.gates import ChannelGate, HardConcreteGate
 from lightning_prune.core.graph import ChannelGroup
@@ -33,7 +34,9 @@ class BarrierPenalty(Method):
       ``capped_steps``).
 
     Hard pruning keeps the alive channels; if they cost more than the budget, the least open
-    per unit of marginal cost are dropped until it fits (listed in ``dropped``).
+    per unit of marginal cost are dropped until it fits (listed in ``dropped``); if they cost
+    less and ``fill`` is set, closed channels are opened again, the most open first, while the
+    network stays under the budget (listed in ``refilled``), so the budget is spent.
 
     Args:
         lambda_: weight of the penalty (>= 0).
@@ -53,6 +56,9 @@ class BarrierPenalty(Method):
             the same speed, however little it saves; plain SGD keeps the gradients' ratio, i.e.
             the trade of loss against cost of the barrier's Lagrangian.
         cap: the largest barrier value.
+        fill: at hard pruning, spend what the soft phase left of the budget on the most open of
+            the closed channels (the gates overshoot the band below the budget, and a barrier
+            that stops at ``(1 - margin) * b`` leaves up to ``margin`` unspent by design).
         residual: ``"mixed"`` (default): the mixed-connectivity residual blocks of Lemaire et
             al. (supplementary material, Algorithm 1): each residual branch is gated on its own
             and a branch whose gates all close is removed (learned depth); ``"tied"``: a
@@ -66,7 +72,7 @@ class BarrierPenalty(Method):
 
     def __init__(self, lambda_: float = 0.01, margin: float = 0.05, penalty: str = "cost", gate_lr: float = 0.02, cap: float = 1e3,
                  residual: str = "mixed", gate_optimizer: str = "adam", init_log_alpha: float = 0.0,
-                 margin_of: str = "target") -> None:
+                 margin_of: str = "target", fill: bool = True) -> None:
         super().__init__()
         self.residual = self.check_residual(residual)
         self.lambda_ = finite_real("lambda_", lambda_)
@@ -91,8 +97,11 @@ class BarrierPenalty(Method):
         self.cap = finite_real("cap", cap)
         if self.cap <= 0:
             raise ValueError(f"cap must be > 0, got {cap}")
+        check_bool("fill", fill)
+        self.fill = fill
         self.capped_steps = 0
         self.dropped: dict[str, list[int]] = {}
+        self.refilled: dict[str, list[int]] = {}
 
     def make_gate(self, group: ChannelGroup) -> ChannelGate:
         return HardConcreteGate(group.size, init_log_alpha=(self.init_log_alpha, self.init_log_alpha + 0.01))
@@ -127,8 +136,12 @@ class BarrierPenalty(Method):
 
     def keep_masks(self, session: PruningSession) -> dict[str, Tensor]:
         alive = session.current_masks()
-        result = fit_budget(session.cost_model, session.cost, session.budget.target, self.scores(session), alive)
+        model, cost, target, scores = session.cost_model, session.cost, session.budget.target, self.scores(session)
+        result = fit_budget(model, cost, target, scores, alive)
         self.dropped = result.dropped
+        if self.fill and not result.dropped:
+            result = fill_budget(model, cost, target, scores, result.masks)
+            self.refilled = result.dropped
         return result.masks
 
     def state_dict(self) -> dict[str, Any]:
