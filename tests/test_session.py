@@ -97,7 +97,7 @@ def test_budget_schedule_and_final_check_golden_values() -> None:
         Budget.of(0.25, "macs", 1000.0, 300)
 
 
-def test_bar_repairs_alive_channels_over_the_budget_by_open_probability_per_cost() -> None:
+def test_bar_repairs_alive_channels_over_the_budget_least_open_first() -> None:
     session = traced(BarrierPenalty(), factor=4)
     with torch.no_grad():
         session.gates["conv1"].log_alpha.copy_(torch.linspace(-1.0, 3.0, 8))  # all alive, increasingly open
@@ -107,6 +107,9 @@ def test_bar_repairs_alive_channels_over_the_budget_by_open_probability_per_cost
     assert session.method.dropped  # the alive channels were over the budget
     kept1 = masks["conv1"].nonzero().flatten().tolist()
     assert kept1 == list(range(8 - len(kept1), 8))  # the most open conv1 channels stay
+    # least open first, whatever it saves: conv1 0-5 (log_alpha <= 1.86), then ten conv2 maps (2.0);
+    # conv1 6 and 7 (2.43, 3.0; 64 each) stay although four conv2 maps would save as much
+    assert kept1 == [6, 7] and int(masks["conv2"].sum()) == 2
 
 
 def test_bar_spends_what_the_soft_phase_left_of_the_budget_on_the_most_open_closed_channels() -> None:

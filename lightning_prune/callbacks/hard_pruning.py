@@ -114,7 +114,7 @@ class HardPruning(Callback):
         if dropped and self.widths is None and self.verbose:
             rank_zero_warn(
                 f"HardPruning: the channels the method kept cost more than the budget {session.budget.target:,.0f}; "
-                "dropped the least open per unit of cost: " + ", ".join(f"{n}: {len(d)}" for n, d in dropped.items())
+                "dropped (the method's rule): " + ", ".join(f"{n}: {len(d)}" for n, d in dropped.items())
             )
         cost = session.cost_model.exact(masks, session.cost)
         graph = session.graph

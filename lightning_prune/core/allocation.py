@@ -51,6 +51,7 @@ def fit_budget(
     scores: Mapping[str, Tensor],
     masks: Mapping[str, Tensor] | None = None,
     relative: bool = False,
+    per_cost: bool = True,
 ) -> Allocation:
     """Greedily drop channels until ``cost_model.exact(masks, cost) <= target``.
 
@@ -68,6 +69,8 @@ def fit_budget(
             maximises the sum over groups of the log of the kept score under the budget, so a
             group gets harder to thin the more of its importance it has already lost; plain
             scores (``False``) compare channels of different groups directly.
+        per_cost: divide each score by the channel's marginal cost (default); ``False`` drops
+            the lowest-scoring channel wherever it is, whatever it saves.
 
     Each step drops the kept channel with the lowest ``score / marginal cost`` (the marginal
     cost is re-evaluated as the network shrinks, since MACs and parameters are bilinear in
@@ -105,7 +108,7 @@ def fit_budget(
             if relative:
                 kept = s[mask].sum()
                 s = torch.log(kept) - torch.log((kept - s).clamp_min(kept * 1e-12))
-            ratio = torch.where(mask, s / w, torch.full_like(s, float("inf")))
+            ratio = torch.where(mask, s / w if per_cost else s, torch.full_like(s, float("inf")))
             idx = int(torch.argmin(ratio))
             if float(ratio[idx]) < best_ratio:
                 best_name, best_idx, best_ratio = name, idx, float(ratio[idx])

@@ -34,9 +34,11 @@ class BarrierPenalty(Method):
       ``capped_steps``).
 
     Hard pruning keeps the alive channels; if they cost more than the budget, the least open
-    per unit of marginal cost are dropped until it fits (listed in ``dropped``); if they cost
-    less and ``fill`` is set, closed channels are opened again, the most open first, while the
-    network stays under the budget (listed in ``refilled``), so the budget is spent.
+    are dropped until it fits (listed in ``dropped``: what the soft phase would have closed
+    next; dividing by the cost instead would drop the most expensive channels first, since
+    every alive gate is nearly fully open); then, with ``fill``, closed channels are opened
+    again, the most open first, while the network stays under the budget (listed in
+    ``refilled``), so the budget is spent.
 
     Args:
         lambda_: weight of the penalty (>= 0).
@@ -137,9 +139,9 @@ class BarrierPenalty(Method):
     def keep_masks(self, session: PruningSession) -> dict[str, Tensor]:
         alive = session.current_masks()
         model, cost, target, scores = session.cost_model, session.cost, session.budget.target, self.scores(session)
-        result = fit_budget(model, cost, target, scores, alive)
+        result = fit_budget(model, cost, target, scores, alive, per_cost=False)
         self.dropped = result.dropped
-        if self.fill and not result.dropped:
+        if self.fill:
             result = fill_budget(model, cost, target, scores, result.masks)
             self.refilled = result.dropped
         return result.masks
