@@ -74,6 +74,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule, module, trainer = build(cfg)
+    metric = cfg.get("optimized_metric")
+    if isinstance(metric, str) and metric.startswith("val/") and getattr(datamodule, "val_size", None) == 0:
+        raise ValueError(  # found now, not after the training
+            f"optimized_metric: {metric!r} needs a validation split, but the data module keeps none "
+            "(data.val_size=0); set optimized_metric=test/acc (or null), or keep a validation split"
+        )
     if cfg.get("init_from"):
         load_network_weights(module.net, cfg.init_from)
     example = torch.zeros(1, *datamodule.input_shape)

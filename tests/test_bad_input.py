@@ -229,6 +229,11 @@ def _init_from(write: Callable[[Path], None] | None) -> Make:
     return make
 
 
+def _no_validation_split() -> Make:
+    """``run`` asked to return ``val/acc`` without a validation split: it fails before any training."""
+    return lambda tmp: (lambda cfg: lambda: run(cfg))(compose_train(["experiment=lenet5_mnist", "data.val_size=0"], tmp / "out"))
+
+
 CLI_CASES = [
     pytest.param(_compose("model=resnet999"), MissingConfigException, ["model/resnet999", "lenet5"],
                  id="cli-unknown-group-option"),
@@ -238,6 +243,8 @@ CLI_CASES = [
                  id="cli-optimized-metric-not-logged"),
     pytest.param(_metric("[val/acc,macs]"), ValueError, ["optimized_metric", "a string"],
                  id="cli-optimized-metric-not-a-name"),
+    pytest.param(_no_validation_split(), ValueError, ["optimized_metric", "'val/acc' needs a validation split", "data.val_size=0"],
+                 id="cli-optimized-metric-without-validation"),
     pytest.param(_init_from(None), FileNotFoundError, ["init_from", "no file", "{tmp}/init.ckpt"], id="cli-init-from-missing"),
     pytest.param(_init_from(lambda p: p.write_bytes(os.urandom(2048))), ValueError,
                  ["init_from", "cannot read {tmp}/init.ckpt", "not a checkpoint or state_dict file"],
