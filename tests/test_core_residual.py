@@ -342,7 +342,7 @@ def test_random_and_dirichlet_widths_may_remove_a_branch_and_hardening_does(meth
 
 
 def test_bar_gates_a_branch_with_its_own_and_its_streams_gates() -> None:
-    session = _session(BarrierPenalty(), factor=2, cost="macs")
+    session = _session(BarrierPenalty(fill=False), factor=2, cost="macs")  # fill would spend the budget on the closed branch again
     tied = CostModel(build_graph(CifarResNet(8).eval(), torch.zeros(1, 3, 32, 32)))
     assert session.budget.floor == minimum_cost(session.cost_model, "macs") < minimum_cost(tied, "macs")
     with torch.no_grad():  # close the branch of layer1.0 and stream channel 0: the network must not see them

@@ -65,7 +65,7 @@ from lightning_prune._checks import check_bool
 from lightning_prune.core.gating import GateSet, attached_gates
 from lightning_prune.core.folding import shrink_as_masked
 from lightning_prune.core.inference import fold_batchnorm, fold_pairs, folded_layers
-from lightning_prune.core.surgery import enable_pruned_loading, pruned_loading_enabled, pruning_history, replay
+from lightning_prune.core.surgery import BUDGET_ATTR, enable_pruned_loading, pruned_loading_enabled, pruning_history, replay
 
 __all__ = ["export", "save_pruned", "load_pruned", "load_checkpoint", "ALLOWED_TARGETS"]
 
@@ -97,7 +97,6 @@ def _strip_gate_sets(module: nn.Module) -> None:
                 delattr(parent, name)
 
 
-BUDGET_ATTR = "_lightning_prune_budget"
 
 
 def record_budget(network: nn.Module, cost: str, target: float, full: float, example_input: tuple[Tensor, ...]) -> None:

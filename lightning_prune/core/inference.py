@@ -67,7 +67,7 @@ from torch.overrides import TorchFunctionMode
 from lightning_prune.core.cost.measure import check_example
 from lightning_prune.core.gating import attached_gates
 from lightning_prune.core.residual import RemovedLayer, ScatteredOutput, is_scattered, scatter_output, unscatter_output
-from lightning_prune.core.surgery import pruning_history
+from lightning_prune.core.surgery import BUDGET_ATTR, pruning_history
 
 __all__ = ["fold_batchnorm", "fold_pairs", "folded_layers", "example_for", "INFERENCE_ATTR"]
 
@@ -96,8 +96,6 @@ def example_for(network: nn.Module, example_input: Any, *, argument: str = "exam
     pruning callback noted on it) records: standard normal for floating-point inputs, zeros
     otherwise, from a fixed seed (the global generator is not touched). Placed on the network's
     device; floating-point inputs take the dtype of its floating-point parameters."""
-    from lightning_prune.core.export import BUDGET_ATTR  # export imports this module
-
     if example_input is None:
         record = pruning_history(network) or network.__dict__.get(BUDGET_ATTR)
         if record is None:

@@ -53,6 +53,7 @@ __all__ = [
 ]
 
 HISTORY_ATTR = "_lightning_prune_history"  # the attribute holding the record
+BUDGET_ATTR = "_lightning_prune_budget"  # the budget a pruning callback noted on the network (core.export.record_budget)
 HISTORY_KEY = "lightning_prune_history._extra_state"  # its key in state dicts (the name of earlier versions)
 HISTORY_VERSION = 1  # what a tied history is written as (unchanged since version 1)
 MIXED_HISTORY_VERSION = 2  # a history of mixed-connectivity residual blocks (it records "residual": "mixed")
