@@ -361,6 +361,20 @@ def test_bar_gates_a_branch_with_its_own_and_its_streams_gates() -> None:
     assert isinstance(network.layer1[0].conv1, RemovedLayer)
 
 
+def test_bar_fill_skips_branch_channels_of_a_dropped_stream_channel() -> None:
+    session = _session(BarrierPenalty(), factor=2, cost="macs")
+    stage1 = [name for name in session.gates if name.startswith("layer1.") and name.endswith("conv2")]
+    assert stage1
+    with torch.no_grad():  # stream channel 0 closed, and branch channel 0 of every stage-1 block, which would add into it
+        session.gates["conv1"].log_alpha[0] = -10.0
+        for name in stage1:
+            session.gates[name].log_alpha[0] = -10.0
+    masks = session.keep_masks()
+    assert not bool(masks["conv1"][0]) and session.cost_model.exact(masks, "macs") <= session.budget.target
+    assert session.method.refilled  # there was budget left to fill
+    assert not any(bool(masks[name][0]) for name in stage1)  # filling them would cost nothing and compute nothing
+
+
 # -- export, optimizer state ---------------------------------------------------------------------
 
 

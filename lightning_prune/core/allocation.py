@@ -133,7 +133,9 @@ def fill_budget(
 ) -> Allocation:
     """Add dropped channels back, highest score first, as long as the exact cost stays at or
     under ``target``: the counterpart of :func:`fit_budget` for masks that spend less than the
-    budget (a channel that does not fit is skipped and cheaper ones are still tried). Groups
+    budget (a channel that does not fit is skipped and cheaper ones are still tried; one that
+    would cost nothing is skipped too: it would not be computed, e.g. a branch channel adding
+    into a dropped stream channel). Groups
     missing from ``scores`` are left as they are; a removed mixed-connectivity branch gets
     channels back only if its whole branch fits. ``dropped`` lists the channels added back."""
     keep = {name: torch.as_tensor(m, dtype=torch.bool).detach().cpu().clone() for name, m in masks.items()}
@@ -149,7 +151,7 @@ def fill_budget(
     for _, name, i in sorted(candidates, key=lambda c: (-c[0], c[1], c[2])):
         keep[name][i] = True
         value = cost_model.exact(keep, cost)
-        if value <= target:
+        if current < value <= target:  # a channel that costs nothing computes nothing (e.g. a branch channel of a removed stream channel)
             current = value
             added.setdefault(name, []).append(i)
         else:
