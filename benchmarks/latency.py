@@ -59,6 +59,9 @@ from lightning_prune import PruningSession, count_cost, export, export_onnx
 from lightning_prune.methods import RandomChoice
 from lightning_prune.models import CifarResNet, CifarVGG, torchvision_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shrink_speedup import _cpu_name, _quantile  # noqa: E402  (the sibling benchmark script's machine name and quartiles)
+
 NETWORKS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
     "resnet20": ("ResNet-20", lambda: CifarResNet(20)),
     "vgg16": ("VGG-16", lambda: CifarVGG()),
@@ -70,21 +73,6 @@ BATCHES = (1, 256)
 TOY_BATCHES = (1, 4)
 INPUT = (3, 32, 32)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latency"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
-def _quantile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=4)[{0.25: 0, 0.75: 2}[q]] if len(values) > 1 else values[0]
 
 
 def _spread(values: list[float]) -> float:

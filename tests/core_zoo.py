@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_prune.core.gates import HardConcreteGate
 from lightning_prune.core.graph import ChannelGraph
 from lightning_prune.core.trace import build_graph
 from lightning_prune.models import CifarResNet, CifarVGG, LeNet5, WideResNet, torchvision_model
@@ -96,3 +97,14 @@ def random_group_masks(graph: ChannelGraph, seed: int) -> dict[str, Tensor]:
         m[torch.randperm(group.size, generator=g)[:k]] = True
         masks[group.name] = m
     return masks
+
+
+def closed_gates(graph, seed: int) -> dict[str, HardConcreteGate]:
+    """Hard Concrete gates whose deterministic value is exactly 0 or 1 (log_alpha = -6 or 6)."""
+    gates = {}
+    for name, mask in random_group_masks(graph, seed).items():
+        gate = HardConcreteGate(mask.numel())
+        with torch.no_grad():
+            gate.log_alpha.copy_(torch.where(mask, 6.0, -6.0))
+        gates[name] = gate
+    return gates

@@ -10,27 +10,15 @@ import torch
 import lightning_prune
 from lightning_prune.classifier import ImageClassifier
 from lightning_prune.core.cost import count_cost
-from lightning_prune.core.gates import HardConcreteGate
 from lightning_prune.core.gating import GateSet, attach_gates
 from lightning_prune.core.surgery import pruning_history, shrink
-from tests.core_zoo import FunctionalNet, one_thread, random_group_masks, zoo  # one_thread: autouse fixture
-
-
-def _closed_gates(graph, seed: int) -> dict[str, HardConcreteGate]:
-    """Hard Concrete gates whose deterministic value is exactly 0 or 1 (log_alpha = -6 or 6)."""
-    gates = {}
-    for name, mask in random_group_masks(graph, seed).items():
-        gate = HardConcreteGate(mask.numel())
-        with torch.no_grad():
-            gate.log_alpha.copy_(torch.where(mask, 6.0, -6.0))
-        gates[name] = gate
-    return gates
+from tests.core_zoo import FunctionalNet, closed_gates, one_thread, random_group_masks, zoo  # one_thread: autouse fixture
 
 
 def test_export_from_a_gated_lightning_module() -> None:
     net, graph, shape = zoo("resnet20")
     module = ImageClassifier(net, 10, optimizer=functools.partial(torch.optim.SGD, lr=0.1))
-    gates = attach_gates(net, graph, _closed_gates(graph, 0), owner=module)
+    gates = attach_gates(net, graph, closed_gates(graph, 0), owner=module)
     module.eval()
     x = torch.randn(2, *shape[1:])
     with torch.no_grad():
@@ -51,7 +39,7 @@ def test_export_from_a_gated_lightning_module() -> None:
 
 def test_export_owner_is_the_net_and_already_shrunk_networks() -> None:
     net, graph, shape = zoo("functional")
-    attach_gates(net, graph, _closed_gates(graph, 1), owner=net)  # registered under the net itself
+    attach_gates(net, graph, closed_gates(graph, 1), owner=net)  # registered under the net itself
     small = lightning_prune.export(net)
     assert "prune_gates" not in dict(small.named_children()) and "prune_gates" in dict(net.named_children())
     # a LightningModule whose net was shrunk (no gates): export returns that net
@@ -84,7 +72,7 @@ def test_save_and_load_zoo_model_from_its_architecture(tmp_path) -> None:
 
 def test_save_and_load_torchvision_and_user_models(tmp_path) -> None:
     net, graph, shape = zoo("mobilenet_v2")
-    attach_gates(net, graph, _closed_gates(graph, 3))
+    attach_gates(net, graph, closed_gates(graph, 3))
     path = tmp_path / "mbv2.pt"
     lightning_prune.save_pruned(net, path, architecture={"_target_": "torchvision.models.mobilenet_v2", "num_classes": 10})
     loaded = lightning_prune.load_pruned(path)

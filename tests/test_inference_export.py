@@ -17,14 +17,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import lightning_prune
 from lightning_prune.classifier import ImageClassifier
 from lightning_prune.core.folding import shrink_as_masked
-from lightning_prune.core.gates import HardConcreteGate
 from lightning_prune.core.gating import attach_gates
 from lightning_prune.core.inference import fold_batchnorm, folded_layers
 from lightning_prune.core.residual import RemovedLayer, is_scattered
 from lightning_prune.core.surgery import shrink
 from lightning_prune.core.trace import build_graph
 from lightning_prune.models import CifarResNet
-from tests.core_zoo import one_thread, random_group_masks, randomize_norms, zoo  # one_thread: autouse fixture
+from tests.core_zoo import closed_gates, one_thread, random_group_masks, randomize_norms, zoo  # one_thread: autouse fixture
 from tests.residual_helpers import INPUT, UserResNet
 
 RESNET20 = {"_target_": "lightning_prune.models.CifarResNet", "depth": 20, "num_classes": 10}
@@ -54,17 +53,6 @@ def _mixed_resnet(seed: int = 3) -> nn.Module:
     masks[graph.branch_names[0]] = torch.zeros(graph[graph.branch_names[0]].size, dtype=torch.bool)
     shrink_as_masked(net, masks, graph=graph)
     return net.eval()
-
-
-def _closed_gates(graph, seed: int) -> dict[str, HardConcreteGate]:
-    """Hard Concrete gates whose deterministic value is exactly 0 or 1."""
-    gates = {}
-    for name, mask in random_group_masks(graph, seed).items():
-        gate = HardConcreteGate(mask.numel())
-        with torch.no_grad():
-            gate.log_alpha.copy_(torch.where(mask, 6.0, -6.0))
-        gates[name] = gate
-    return gates
 
 
 # -- batch-norm folding --------------------------------------------------------------------------
@@ -220,7 +208,7 @@ def test_onnx_runtime_computes_what_pytorch_computes(name: str, tmp_path) -> Non
 
     if name == "lenet5":  # gated: export_onnx shrinks it to what the gates keep
         net, graph, shape = zoo("lenet5")
-        attach_gates(net, graph, _closed_gates(graph, 2))
+        attach_gates(net, graph, closed_gates(graph, 2))
         module = net.eval()
     else:
         module, shape = _shrunk("resnet20") if name == "resnet20" else (_mixed_resnet(), (1, 3, 32, 32))
@@ -252,7 +240,7 @@ def test_onnx_without_inference_and_with_a_fixed_batch(tmp_path) -> None:
 def test_exported_program_from_a_gated_lightning_module() -> None:
     net, graph, shape = zoo("resnet20")
     module = ImageClassifier(net, 10, optimizer=functools.partial(torch.optim.SGD, lr=0.1))
-    gates = attach_gates(net, graph, _closed_gates(graph, 0), owner=module)
+    gates = attach_gates(net, graph, closed_gates(graph, 0), owner=module)
     module.eval()
     x = torch.randn(4, *shape[1:])
     with torch.no_grad():
