@@ -38,6 +38,7 @@ import torch
 from lightning_prune import build_graph, count_cost, random_masks, shrink
 from lightning_prune.core.allocation import fit_budget
 from lightning_prune.core.cost import CostModel
+from lightning_prune.core.cost.latency import device_name
 from lightning_prune.models import CifarResNet, CifarVGG
 
 MODELS = {"ResNet-20": lambda: CifarResNet(20), "VGG-16": lambda: CifarVGG()}
@@ -53,14 +54,7 @@ def _time_once(model: torch.nn.Module, x: torch.Tensor) -> float:
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
+    return device_name("cpu").removeprefix("cpu: ")
 
 
 def _quantile(values: list[float], q: float) -> float:

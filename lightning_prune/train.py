@@ -119,6 +119,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
             f"parameters     : {before.params:,} -> {cost.params:,}",
             f"widths         : {', '.join(widths)}",
             f"CPU speedup    : {latency['dense'] / latency['pruned']:.2f}x  (batch 1, dense / pruned median latency, one run)",
+        ]
+        budgeted = [c.latency for c in trainer.callbacks if isinstance(c, HardPruning) and c.latency is not None]
+        if budgeted:
+            lines.append(
+                f"latency budget : predicted {budgeted[0]['predicted_ms']:.2f} ms, measured {budgeted[0]['measured_ms']:.2f} ms, "
+                f"budget {budgeted[0]['budget_ms']:.2f} ms  (per batch, inference form, at hard pruning)"
+            )
+        lines += [
             f"pruned model   : {path}  (lightning_prune.load_pruned)",
         ]
     else:

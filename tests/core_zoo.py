@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_prune.core.cost.latency import LatencyKey, LatencyTable, LayerTiming
 from lightning_prune.core.gates import HardConcreteGate
 from lightning_prune.core.graph import ChannelGraph
 from lightning_prune.core.trace import build_graph
@@ -108,3 +109,25 @@ def closed_gates(graph, seed: int) -> dict[str, HardConcreteGate]:
             gate.log_alpha.copy_(torch.where(mask, 6.0, -6.0))
         gates[name] = gate
     return gates
+
+
+TEST_KEY = LatencyKey("cpu: test", "cpu", torch.__version__, "float32", 1, 4, True)  # of the tables made up here
+
+
+def grid(full: int) -> tuple[int, ...]:
+    return tuple(sorted({0, 1, full // 3, (2 * full) // 3, full}))
+
+
+def macs_table(graph, per_volume: float = 0.0, offset: float | None = None) -> LatencyTable:
+    """A table whose layer 'timings' are the layers' MACs: bilinear in (cin, out), so the
+    interpolation reproduces them exactly at any widths."""
+    layers = {}
+    for name, layer in graph.layers.items():
+        if layer.kind == "norm":
+            continue
+        a, b = layer.coefficients("macs")
+        cin = 1 if layer.depthwise else layer.in_channels // layer.groups
+        cin_grid, out_grid = grid(cin), grid(layer.out_channels)
+        layers[name] = LayerTiming(cin_grid, out_grid, tuple(tuple(float(a * c * o + b * o) for o in out_grid) for c in cin_grid))
+    offset = float(graph.untracked["macs"]) if offset is None else offset
+    return LatencyTable(TEST_KEY, layers, offset, per_volume, 0.0, {}, {})

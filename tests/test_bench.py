@@ -79,6 +79,24 @@ def test_a_finished_run_is_skipped_and_over_budget_is_an_error(folder: Path, mon
         prune(bench_cfg(folder, "task=lenet5_mnist", "method=random", "budget.cost=flops"))
 
 
+@pytest.mark.parametrize("method", ["bar", "random"])
+def test_a_latency_budget_run(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """budget.cost=latency: the dense network's latency model is measured once (the method's
+    session finds it), the pruned network's predicted latency is under the budget, and the
+    result file has the predicted and the measured latency."""
+    monkeypatch.setenv("LP_LATENCY_CACHE", str(tmp_path))
+    cfg = bench_cfg(folder, "task=lenet5_mnist", f"method={method}", "budget.cost=latency", "budget.factor=2",
+                    "budget.latency.batch_size=8", "+budget.latency.grid=3", "+budget.latency.repeats=2")
+    result = prune(cfg)
+    assert result["cost"] == "latency" and result_path(cfg).name == f"{method}-latency2-seed0.json"
+    latency = result["info"]["latency"]
+    assert latency["predicted_ms"] * 1e6 <= result["budget"] and latency["budget_ms"] * 1e6 == pytest.approx(result["budget"])
+    assert latency["measured_ms"] > 0 and latency["pruned_ms_now"] > 0 and latency["dense_ms_now"] > 0
+    assert len(list(tmp_path.glob("*.json"))) == 1  # one latency model: the session read the runner's
+    with pytest.raises(ValueError, match="budget.cost=latency: method 'tp_l1' has no latency budget"):
+        prune(bench_cfg(folder, "task=lenet5_mnist", "method=tp_l1", "budget.cost=latency"))
+
+
 def test_the_report_is_the_same_every_time(folder: Path) -> None:
     for method in ("random", "width"):
         for seed in (0, 1):

@@ -147,7 +147,7 @@ def test_keep_counts_and_empty_groups() -> None:
 def test_errors() -> None:
     _, graph, _ = zoo("lenet5")
     cost = CostModel(graph)
-    with pytest.raises(ValueError, match="cost must be one of 'volume', 'macs', 'params', got 'flops'"):
+    with pytest.raises(ValueError, match="cost must be one of 'volume', 'macs', 'params', 'latency', got 'flops'"):
         cost.full("flops")
     with pytest.raises(ValueError, match="unknown channel group 'conv'"):
         cost.exact({"conv": 3}, "macs")

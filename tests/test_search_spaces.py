@@ -26,6 +26,7 @@ import lightning_prune
 from lightning_prune import count_cost
 from lightning_prune.models import CifarResNet, LeNet5
 from lightning_prune.search.spaces import KINDS, CompressionSpace, sparse_cost, top1
+from tests.core_zoo import macs_table
 
 
 def _perturbed(model: nn.Module) -> nn.Module:
@@ -193,6 +194,24 @@ def test_winners_round_trip_through_save_pruned_and_load_pruned(arch: str, kind:
         torch.testing.assert_close(loaded(inputs), small(inputs), atol=1e-5, rtol=1e-5)
 
 
+def test_a_structured_space_predicts_latency_with_a_latency_model() -> None:
+    """With a table whose timings are the layers' MACs, the predicted latency of every candidate
+    is the compressed model's measured MACs; decompositions have no latency model."""
+    torch.manual_seed(0)
+    model = LeNet5(num_classes=10).eval()
+    inputs = torch.randn(8, 1, 28, 28)
+    graph = lightning_prune.build_graph(model, inputs[:1])
+    space = CompressionSpace(model, inputs[:1], "structured", "latency", latency=macs_table(graph))
+    space.rank_channels([(inputs, torch.randint(0, 10, (8,)))])
+    rng = np.random.default_rng(2)
+    for x in [rng.random(space.search_space.d), space.search_space.most_compressed, space.search_space.identity]:
+        assert count_cost(space.compress(x), inputs[:1]).macs == space.predict_cost(x)
+    with pytest.raises(ValueError, match="cost='latency' is supported for kind='structured' only"):
+        CompressionSpace(model, inputs[:1], "svd", "latency", latency=macs_table(graph))
+    with pytest.raises(ValueError, match="latency: cost='latency' needs the batch size"):
+        CompressionSpace(model, inputs[:1], "structured", "latency")
+
+
 def test_space_validation() -> None:
     model = LeNet5(num_classes=10)
     with pytest.raises(ValueError, match="kind"):
@@ -280,6 +299,22 @@ def test_candidate_job_evaluates_and_builds_the_winner(lenet_checkpoint: Path, d
         job.run(_job_cfg(lenet_checkpoint, data_dir))
     with pytest.raises(ValueError, match="mode"):
         job.run(_job_cfg(lenet_checkpoint, data_dir, x=identity, mode="export"))
+
+
+def test_candidate_job_with_a_latency_cost(lenet_checkpoint: Path, data_dir: Path, tmp_path: Path) -> None:
+    """search.cost=latency: the job measures the latency model (into the cache folder given),
+    predicts every candidate's latency with it, and the final job times the built model."""
+    from lightning_prune.search import job
+
+    cache = tmp_path / "latency"
+    cfg = _job_cfg(lenet_checkpoint, data_dir, x="[0.0,0.0,0.0]", cost="latency",
+                   latency=f"{{batch_size:8,threads:1,grid:2,repeats:2,cache_dir:'{cache}'}}")
+    ref = job.run(cfg)
+    ev = job.evaluator(cfg)
+    assert ref["cost"] == ref["base_cost"] == ev.space.cost_model.full("latency") > 0
+    assert len(list(cache.glob("*.json"))) == 1
+    out = job.final(cfg, ev, np.array([0.6, 0.6, 0.6]), tmp_path)
+    assert 0 < out["cost"] < ref["cost"] and out["measured_cost"] > 0
 
 
 def test_adans_lenet5_sweep_end_to_end(lenet_checkpoint: Path, data_dir: Path, tmp_path: Path) -> None:

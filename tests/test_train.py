@@ -4,6 +4,7 @@ multirun with the basic launcher, and the installed wheel finding its configs.""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -199,3 +200,22 @@ def test_median_latency_times_every_model_and_checks_its_arguments():
         median_latency({"small": small}, torch.zeros(1, 8), repeats=0)
     with pytest.raises(TypeError, match="warmup"):
         median_latency({"small": small}, torch.zeros(1, 8), warmup=1.5)
+
+
+def test_a_latency_budget_through_the_configs(tmp_path, data_dir, capsys):
+    """`budget=[factor2,latency]`: the callbacks get the latency options from the budget group,
+    the latency model is measured (into the cache folder given), hard pruning keeps the predicted
+    latency under the budget and the report shows predicted and measured latency."""
+    cfg = compose_train(
+        ["pruning=random", "budget=[factor2,latency]", "budget.latency.batch_size=16", f"+budget.latency.cache_dir={tmp_path / 'lat'}",
+         "+budget.latency.grid=3", "+budget.latency.repeats=2",
+         "pruning.prune_epoch=1", "trainer.max_epochs=2", "scheduler.milestones=[1]", "data.subset=512",
+         "trainer.limit_val_batches=1", "test=false", "data.eval_batch_size=256"], tmp_path
+    )
+    assert cfg.pruning.random.cost == "latency" and cfg.pruning.random.latency.batch_size == 16
+    run(cfg)
+    out = capsys.readouterr().out
+    assert "latency budget : predicted " in out
+    found = re.search(r"latency budget : predicted ([0-9.]+) ms, measured ([0-9.]+) ms, budget ([0-9.]+) ms", out)
+    assert found is not None and float(found[1]) <= float(found[3]) and float(found[2]) > 0
+    assert len(list((tmp_path / "lat").glob("*.json"))) == 1

@@ -39,6 +39,7 @@ class Run:
     dense: nn.Module  # trained; methods work on copies
     example: Tensor  # one zero input
     target: float  # the budget in ``cost`` units
+    latency: Any = None  # with budget.cost=latency: the dense network's LatencyTable
     info: dict[str, Any] = field(default_factory=dict)  # what the method wants recorded
 
     @property
@@ -61,7 +62,15 @@ class Run:
 
 
 def _common(run: Run) -> dict[str, Any]:
-    return {"factor": float(run.cfg.budget.factor), "cost": run.cost, "example_input": tuple(run.example.shape[1:]), "verbose": False}
+    return {"factor": float(run.cfg.budget.factor), "cost": run.cost, "latency": run.latency,
+            "example_input": tuple(run.example.shape[1:]), "verbose": False}
+
+
+def _record_latency(run: Run, callbacks: list[Callback]) -> None:
+    """With a latency budget: the predicted and measured latency HardPruning reported."""
+    for callback in callbacks:
+        if isinstance(callback, HardPruning) and callback.latency is not None:
+            run.info["latency"] = dict(callback.latency)
 
 
 class _AliveTrace(Callback):
@@ -94,6 +103,7 @@ def bar(run: Run) -> nn.Module:
     callbacks.append(trace)
     run.info["prune_epoch"] = soft
     net = fit(run.cfg, run.datamodule, copy.deepcopy(run.dense), run.cfg.task.prune, run.epochs, callbacks)
+    _record_latency(run, callbacks)
     method = callbacks[0].method  # what hard pruning had to repair: the soft phase ended over budget
     run.info.update(repair_dropped={n: len(d) for n, d in method.dropped.items()}, capped_steps=method.capped_steps,
                     refilled={n: len(d) for n, d in method.refilled.items()},
@@ -109,12 +119,16 @@ def dirichlet(run: Run) -> nn.Module:
         HardPruning(switch, plot=False, verbose=False),
     ]
     run.info["prune_epoch"] = switch
-    return fit(run.cfg, run.datamodule, copy.deepcopy(run.dense), run.cfg.task.prune, run.epochs, callbacks)
+    net = fit(run.cfg, run.datamodule, copy.deepcopy(run.dense), run.cfg.task.prune, run.epochs, callbacks)
+    _record_latency(run, callbacks)
+    return net
 
 
 def random(run: Run) -> nn.Module:
     callbacks = [RandomPruning(**_common(run), seed=int(run.cfg.seed)), HardPruning(0, plot=False, verbose=False)]
-    return fit(run.cfg, run.datamodule, copy.deepcopy(run.dense), run.cfg.task.prune, run.epochs, callbacks)
+    net = fit(run.cfg, run.datamodule, copy.deepcopy(run.dense), run.cfg.task.prune, run.epochs, callbacks)
+    _record_latency(run, callbacks)
+    return net
 
 
 def width(run: Run) -> nn.Module:

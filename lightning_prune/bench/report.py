@@ -66,10 +66,16 @@ def tables(rows: Iterable[Mapping[str, Any]]) -> str:
     for (task, cost, factor), methods in sorted(groups.items()):
         any_row = next(iter(methods.values()))[0]
         dense = statistics.mean(r["dense_test_accuracy"] for runs in methods.values() for r in runs)
-        out.append(f"#### {task}, {cost} budget 1/{factor:g} ({any_row['budget']:,.0f} of {any_row['full'][cost]:,} {cost}); "
-                   f"dense network {dense:.2f}%\n")
-        out.append("| method | seeds | test accuracy (%) | MACs | params | volume | speed-up batch 1 | speed-up batch 256 |")
-        out.append("|---|---|---|---|---|---|---|---|")
+        latency = cost == "latency"
+        if latency:  # the budget is predicted nanoseconds per batch; the full cost is the dense prediction
+            out.append(f"#### {task}, latency budget 1/{factor:g} ({any_row['budget'] / 1e6:,.2f} of {any_row['budget'] * factor / 1e6:,.2f} "
+                       f"ms per batch predicted for the dense network); dense network {dense:.2f}%\n")
+        else:
+            out.append(f"#### {task}, {cost} budget 1/{factor:g} ({any_row['budget']:,.0f} of {any_row['full'][cost]:,} {cost}); "
+                       f"dense network {dense:.2f}%\n")
+        extra = " predicted ms | measured ms (dense) |" if latency else ""
+        out.append("| method | seeds | test accuracy (%) | MACs | params | volume | speed-up batch 1 | speed-up batch 256 |" + extra)
+        out.append("|---|---|---|---|---|---|---|---|" + ("---|---|" if latency else ""))
         means = {m: statistics.mean(r["test_accuracy"] for r in runs) for m, runs in methods.items() if not runs[0]["reference"]}
         best = max(means.values()) if means else None
         for method in sorted(methods, key=_order):
@@ -80,6 +86,10 @@ def tables(rows: Iterable[Mapping[str, Any]]) -> str:
             name = f"{method} (masks only, reference)" if runs[0]["reference"] else method
             cells = [name, str(len(runs)), acc] + [f"{statistics.mean(r[c] for r in runs):,.0f}" for c in ("macs", "params", "volume")]
             cells += [f"{statistics.mean(r['latency_ratio'][b] for r in runs):.2f}x" for b in ("batch1", "batch256")]
+            if latency:
+                timed = [r["info"]["latency"] for r in runs]
+                cells += [f"{statistics.mean(t['predicted_ms'] for t in timed):.2f}",
+                          f"{statistics.mean(t['pruned_ms_now'] for t in timed):.2f} ({statistics.mean(t['dense_ms_now'] for t in timed):.2f})"]
             out.append("| " + " | ".join(cells) + " |")
         commands = sorted({_portable(r["command"]) for runs in methods.values() for r in runs})
         every = [r for runs in methods.values() for r in runs]

@@ -10,6 +10,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,15 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_prune.bench.methods import METHODS, REFERENCE, Run
 from lightning_prune.bench.training import dense_epochs, fit, latency_ratios, plain, test_accuracy
-from lightning_prune.core.cost import COSTS, count_cost
+from lightning_prune.core.cost import CostModel, count_cost
+from lightning_prune.core.cost.latency import LATENCY, LatencyTable, measure_latency, time_network
+from lightning_prune.core.cost.model import check_budget_cost
+from lightning_prune.core.export import export
+from lightning_prune.core.trace import build_graph
 from lightning_prune.core.cost.measure import output_widths
 from lightning_prune.core.export import read_torch_file
 from lightning_prune.train import load_network_weights
@@ -154,6 +159,26 @@ def load_dense(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
     return net
 
 
+LATENCY_METHODS = ("bar", "dirichlet", "random")  # the methods that take a latency budget
+
+
+@dataclass(frozen=True)
+class _Latency:
+    table: LatencyTable
+    graph: Any
+
+
+def _latency_table(cfg: DictConfig, dense_net: torch.nn.Module, example: torch.Tensor) -> _Latency:
+    """The dense network's latency model (``budget.latency``: the options of
+    :func:`lightning_prune.measure_latency`), measured on the graph the method will build (its
+    residual mode), so that the method's session finds the same table in the cache."""
+    options = OmegaConf.to_container(cfg.budget.latency, resolve=True) if cfg.budget.get("latency") is not None else None
+    if not options or "batch_size" not in options:
+        raise ValueError("budget.latency: budget.cost=latency needs budget.latency.batch_size (and threads)")
+    graph = build_graph(dense_net, example, residual=cfg.method.get("residual", "tied"))
+    return _Latency(measure_latency(dense_net, graph, **options), graph)
+
+
 def prune(cfg: DictConfig) -> dict[str, Any]:
     """One run: the method on a copy of the dense network, scored on the test set, measured on
     the exported network; skipped when its result file exists."""
@@ -164,8 +189,9 @@ def prune(cfg: DictConfig) -> dict[str, Any]:
     name = cfg.method.name
     if name not in METHODS:
         raise ValueError(f"method: unknown method {name!r}; the methods are {', '.join(METHODS)}")
-    if cfg.budget.cost not in COSTS:
-        raise ValueError(f"budget.cost must be one of {COSTS}, got {cfg.budget.cost!r}")
+    check_budget_cost(cfg.budget.cost, "budget.cost")
+    if cfg.budget.cost == LATENCY and name not in LATENCY_METHODS:
+        raise ValueError(f"budget.cost=latency: method {name!r} has no latency budget; the methods with one are {', '.join(LATENCY_METHODS)}")
     factor = float(cfg.budget.factor)
     if factor < 1:
         raise ValueError(f"budget.factor must be >= 1, got {factor}")
@@ -177,12 +203,20 @@ def prune(cfg: DictConfig) -> dict[str, Any]:
     dense_net = load_dense(cfg, datamodule.num_classes).eval()
     example = torch.zeros(1, *datamodule.input_shape)
     full = count_cost(dense_net, example)
-    run = Run(cfg, datamodule, dense_net, example, full[cfg.budget.cost] / factor)
+    table = _latency_table(cfg, dense_net, example) if cfg.budget.cost == LATENCY else None
+    full_cost = CostModel(table.graph, latency=table.table).full(LATENCY) if table else full[cfg.budget.cost]
+    run = Run(cfg, datamodule, dense_net, example, full_cost / factor, latency=table.table if table else None)
     net = METHODS[name](run).eval()
     cost = count_cost(net, example)
     reference = name in REFERENCE
-    if cost[cfg.budget.cost] > run.target and not reference:
-        raise BudgetExceeded(f"{name}: the exported network costs {cfg.budget.cost} {cost[cfg.budget.cost]:,}, over the budget {run.target:,.0f}")
+    spent = run.info["latency"]["predicted_ms"] * 1e6 if table else cost[cfg.budget.cost]
+    if spent > run.target and not reference:
+        raise BudgetExceeded(f"{name}: the exported network costs {cfg.budget.cost} {spent:,.0f}, over the budget {run.target:,.0f}")
+    if table:  # the exported network timed now, interleaved with the dense one, in their inference form
+        timed = time_network({n: export(m, inference=True, example_input=example, allow_over_budget=True) for n, m in
+                              (("dense", dense_net), ("pruned", net))}, table.table, example)
+        run.info["latency"].update(dense_ms_now=timed["dense"] / 1e6, pruned_ms_now=timed["pruned"] / 1e6,
+                                   measured_over_budget=timed["pruned"] / (timed["dense"] / factor))
     payload = {
         "task": cfg.task.name, "method": row_name(cfg), "cost": cfg.budget.cost, "factor": factor, "seed": int(cfg.seed),
         "test_accuracy": test_accuracy(cfg, net, datamodule),
@@ -196,5 +230,5 @@ def prune(cfg: DictConfig) -> dict[str, Any]:
     }
     _write_json(path, payload)
     print(f"{cfg.task.name} {name} {cfg.budget.cost}/{factor:g} seed {int(cfg.seed)}: {payload['test_accuracy']:.2f}% "
-          f"at {cost[cfg.budget.cost]:,} {cfg.budget.cost} (budget {run.target:,.0f}) -> {path}", flush=True)
+          f"at {spent:,.0f} {cfg.budget.cost} (budget {run.target:,.0f}) -> {path}", flush=True)
     return payload

@@ -50,7 +50,7 @@ class BudgetAwareRegularization(GatedPruning):
     The budget ``b`` is the target unless :class:`SigmoidalBudgetAnnealing` anneals it.
 
     Args (keyword-only):
-        budget, factor, cost, module, example_input, ignore, verbose: see
+        budget, factor, cost, latency, module, example_input, ignore, verbose: see
             :class:`~lightning_prune.callbacks.gated.GatedPruning`.
         lambda_: weight of the penalty. The defaults (``lambda_=0.01``, ``margin_of="target"``,
             ``init_log_alpha=0``) are the ones that did best training LeNet-5 / MNIST from
@@ -86,6 +86,7 @@ class BudgetAwareRegularization(GatedPruning):
         budget: float | None = None,
         factor: float | None = None,
         cost: str = "volume",
+        latency: Any = None,
         lambda_: float = 0.01,
         margin: float = 0.05,
         margin_of: str = "target",
@@ -106,7 +107,7 @@ class BudgetAwareRegularization(GatedPruning):
     ) -> None:
         self._method_args = {"lambda_": lambda_, "margin": margin, "margin_of": margin_of, "cap": cap, "fill": fill, "penalty": penalty, "gate_lr": gate_lr,
                              "gate_optimizer": gate_optimizer, "init_log_alpha": init_log_alpha, "residual": residual}
-        super().__init__(budget=budget, factor=factor, cost=cost, module=module, example_input=example_input,
+        super().__init__(budget=budget, factor=factor, cost=cost, latency=latency, module=module, example_input=example_input,
                          ignore=ignore, verbose=verbose)
         check_bool("distillation", distillation)
         self.temperature = finite_real("temperature", temperature)

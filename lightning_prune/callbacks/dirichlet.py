@@ -116,6 +116,7 @@ class DirichletImportance(GatedPruning):
         budget: float | None = None,
         factor: float | None = None,
         cost: str = "macs",
+        latency: Any = None,
         alpha0: float = 0.5,
         kl_weight: float | None = None,
         estimator: str = "mean",
@@ -135,7 +136,7 @@ class DirichletImportance(GatedPruning):
     ) -> None:
         self._method_args = {"alpha0": alpha0, "estimator": estimator, "init": init, "allocation": allocation,
                              "gate_lr": gate_lr, "kl_scale": kl_weight, "residual": residual}
-        super().__init__(budget=budget, factor=factor, cost=cost, module=module, example_input=example_input,
+        super().__init__(budget=budget, factor=factor, cost=cost, latency=latency, module=module, example_input=example_input,
                          ignore=ignore, verbose=verbose)
         self.samples = check_int("samples", samples, minimum=1)
         if estimator == "mean" and self.samples != 1:

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_prune.core.budget import resolve_budget
-from lightning_prune.core.cost.model import COSTS
+from lightning_prune.core.cost.latency import LatencyTable, check_latency_option, measure_latency
+from lightning_prune.core.cost.model import check_budget_cost
 from lightning_prune.core.gating import GateSet
 from lightning_prune.core.method import Method
 from lightning_prune.core.session import PruningSession, session_of
@@ -139,7 +140,13 @@ class GatedPruning(Callback):
     Args (keyword-only):
         budget: fraction of the full cost to keep, in (0, 1]; or
         factor: the papers' pruning factor, ``1 / budget`` (give exactly one of the two).
-        cost: ``"volume"`` (activation volume), ``"macs"`` or ``"params"``.
+        cost: ``"volume"`` (activation volume), ``"macs"``, ``"params"`` or ``"latency"``
+            (nanoseconds per batch of the network's inference form on this device).
+        latency: with ``cost="latency"``: the keyword arguments of
+            :func:`lightning_prune.measure_latency` (at least ``batch_size``; the network is timed
+            when it is traced, or its timings are read from the cache) or a measured
+            :class:`~lightning_prune.core.cost.latency.LatencyTable`. Under DDP rank 0 measures
+            and the other ranks receive its table, so that every rank prunes the same channels.
         module: dotted path of the network inside the LightningModule (default: its only
             child with parameters, else the LightningModule itself).
         example_input: tensor, tuple of tensors or input shape used to trace the network
@@ -155,14 +162,15 @@ class GatedPruning(Callback):
         budget: float | None = None,
         factor: float | None = None,
         cost: str = "volume",
+        latency: Any = None,
         module: str | None = None,
         example_input: Any = None,
         ignore: Sequence[str] = (),
         verbose: bool = True,
     ) -> None:
         self.budget = resolve_budget(budget=budget, factor=factor)
-        if cost not in COSTS:
-            raise ValueError(f"cost must be one of {', '.join(map(repr, COSTS))}, got {cost!r}")
+        check_budget_cost(cost)
+        self.latency = check_latency_option(cost, latency)
         if module is not None and not isinstance(module, str):
             raise TypeError(f"module must be a dotted attribute path or None, got {type(module).__name__}")
         if isinstance(ignore, str) or not all(isinstance(n, str) for n in ignore):
@@ -208,7 +216,10 @@ class GatedPruning(Callback):
                 "which cannot take the smaller, pruned network; call lightning_prune.enable_pruned_loading(module) "
                 "before trainer.fit(module, ...), or use strategy='ddp'"
             )
-        self.session = PruningSession(network, self.method, budget=self.budget, cost=self.cost, ignore=self.ignore, owner=pl_module)
+        self.session = PruningSession(
+            network, self.method, budget=self.budget, cost=self.cost, latency=self.latency, ignore=self.ignore, owner=pl_module
+        )
+        self._trainer = trainer
         # Resuming: the checkpoint decides which gates the module must have before its tensors
         # load, before a pruning history is replayed (so this pre-hook goes first).
         handle = pl_module.register_load_state_dict_pre_hook(self._before_load)
@@ -222,6 +233,7 @@ class GatedPruning(Callback):
             rank_zero_info(f"{type(self).__name__}: no example input given; the first training batch will give one")
 
     def _trace(self, example: tuple[Tensor, ...]) -> None:
+        self._share_latency(example)
         self.session.trace(example)
         if self.verbose:
             s = self.session
@@ -229,6 +241,21 @@ class GatedPruning(Callback):
                 f"{type(self).__name__}: {len(s.graph)} channel groups ({s.graph.num_channels} channels) of "
                 f"{type(s.network).__name__}; {self.cost} {s.budget.full:,.0f} -> budget {s.budget.target:,.0f}"
             )
+
+    def _share_latency(self, example: tuple[Tensor, ...]) -> None:
+        """Under DDP with a latency budget: rank 0 measures the latency model, every rank uses it
+        (timings differ between processes; different budgets would prune different channels)."""
+        trainer = getattr(self, "_trainer", None)
+        session = self.session
+        if session.cost != "latency" or isinstance(session.latency, LatencyTable) or trainer is None or trainer.world_size == 1:
+            return
+        table = None
+        if trainer.global_rank == 0:
+            from lightning_prune.core.trace import build_graph
+
+            graph = build_graph(session.network, example, ignore=session.ignore, residual=session.residual)
+            table = measure_latency(session.network, graph, **session.latency)
+        session.latency = trainer.strategy.broadcast(table, src=0)
 
     def _before_load(self, module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
         self.session.prepare_load(state_dict, prefix)

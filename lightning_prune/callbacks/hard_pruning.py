@@ -14,6 +14,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from lightning_prune._checks import check_bool, check_int
 from lightning_prune.callbacks.gated import require_session, rewrap_ddp
 from lightning_prune.callbacks.report import layer_table, plot_alive_channels
+from lightning_prune.core.cost.latency import LATENCY, time_network
+from lightning_prune.core.export import export
 from lightning_prune.core.session import PruningSession
 
 
@@ -76,6 +78,7 @@ class HardPruning(Callback):
         self.verbose = verbose
         self.pruned_at: int | None = None
         self.summary: dict[str, Any] = {}
+        self.latency: dict[str, float] | None = None  # with a latency budget: predicted, measured and budget ms
 
     @property
     def state_key(self) -> str:
@@ -130,11 +133,18 @@ class HardPruning(Callback):
         budget = session.budget
         widths_before = {n: int(m.numel()) for n, m in masks.items()}
         widths_after = {n: 0 if n in removed else int(effective[n].sum()) for n in masks}
+        line = f"{session.cost} {cost:,} <= budget {budget.target:,.0f} ({100 * cost / budget.full:.1f}% of {budget.full:,.0f})"
+        if session.cost == LATENCY:
+            self.latency = self._measure_latency(session, cost)
+            line = (
+                f"latency predicted {self.latency['predicted_ms']:.2f} ms, measured {self.latency['measured_ms']:.2f} ms "
+                f"<= budget {self.latency['budget_ms']:.2f} ms ({100 * cost / budget.full:.1f}% of the dense "
+                f"{budget.full / 1e6:.2f} ms; batch {session.latency.key.batch_size}, {session.latency.key.threads} thread(s))"
+            )
         self.summary = {
             "table": layer_table(before.cost, after.cost, before.widths, after.widths),
             "removed": list(removed),
-            "line": f"{session.cost} {cost:,} <= budget {budget.target:,.0f} ({100 * cost / budget.full:.1f}% of {budget.full:,.0f})"
-            + (f", widths multiples of {self.round_to}" if self.round_to is not None else ""),
+            "line": line + (f", widths multiples of {self.round_to}" if self.round_to is not None else ""),
             "widths_before": widths_before,
             "widths_after": widths_after,
             "title": f"{session.method.name}: {session.cost} budget {budget.target:,.0f}",
@@ -144,6 +154,14 @@ class HardPruning(Callback):
                 f"HardPruning at epoch {self.pruned_at}: {self.summary['line']}; channels per group: "
                 + ", ".join(f"{n} {widths_before[n]}->{'removed' if n in removed else widths_after[n]}" for n in widths_before)
             )
+
+    @staticmethod
+    def _measure_latency(session: PruningSession, predicted: int) -> dict[str, float]:
+        """The hard-pruned network's latency in its inference form, measured now, next to the
+        latency model's prediction (milliseconds per batch)."""
+        inference = export(session.network, inference=True, example_input=session.graph.example_input())
+        measured = time_network({"pruned": inference}, session.latency, session.graph.example_input())["pruned"]
+        return {"predicted_ms": predicted / 1e6, "measured_ms": measured / 1e6, "budget_ms": session.budget.target / 1e6}
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.pruned_at is None and not trainer.fast_dev_run:

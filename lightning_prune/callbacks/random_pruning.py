@@ -24,7 +24,7 @@ class RandomPruning(GatedPruning):
     gets the same number of epochs).
 
     Args (keyword-only):
-        budget, factor, cost, module, example_input, ignore, verbose: see
+        budget, factor, cost, latency, module, example_input, ignore, verbose: see
             :class:`~lightning_prune.callbacks.gated.GatedPruning`.
         seed: seed of the random order (independent of the global RNG, so a resumed run
             drops the same channels).
@@ -39,6 +39,7 @@ class RandomPruning(GatedPruning):
         budget: float | None = None,
         factor: float | None = None,
         cost: str = "volume",
+        latency: Any = None,
         seed: int = 0,
         residual: str = "tied",
         module: str | None = None,
@@ -48,7 +49,7 @@ class RandomPruning(GatedPruning):
     ) -> None:
         self._seed = seed
         self._residual = residual
-        super().__init__(budget=budget, factor=factor, cost=cost, module=module, example_input=example_input,
+        super().__init__(budget=budget, factor=factor, cost=cost, latency=latency, module=module, example_input=example_input,
                          ignore=ignore, verbose=verbose)
 
     @property

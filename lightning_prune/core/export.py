@@ -47,6 +47,7 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+import math
 import os
 import pickle
 from collections.abc import Mapping
@@ -57,6 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.core.cost import count_cost
+from lightning_prune.core.cost.latency import LATENCY
 from lightning_prune.core.graph import zero_inputs
 from lightning_prune.core.decomposition import KINDS as DECOMPOSITION_KINDS
 from lightning_prune.core.decomposition import decompositions, replay_decomposition
@@ -109,6 +111,15 @@ def record_budget(network: nn.Module, cost: str, target: float, full: float, exa
     }
 
 
+def record_hardened(network: nn.Module, cost: float) -> None:
+    """Note on ``network`` that it was hard-pruned, and the cost its keep-masks were given
+    (for a latency budget, which cannot be counted on the exported network, the prediction
+    that :func:`export` checks)."""
+    budget = network.__dict__.get(BUDGET_ATTR)
+    if budget is not None:
+        budget["hardened"] = float(cost)
+
+
 def export(
     module: nn.Module,
     *,
@@ -156,7 +167,10 @@ def export(
         example = zero_inputs(budget)
         device = next(out.parameters(), torch.empty(0)).device
         was_training = out.training
-        spent = count_cost(out.eval(), tuple(t.to(device) for t in example))[budget["cost"]]
+        if budget["cost"] == LATENCY:  # not countable: the prediction recorded at hard pruning, if it happened
+            spent = budget.get("hardened", math.inf)
+        else:
+            spent = count_cost(out.eval(), tuple(t.to(device) for t in example))[budget["cost"]]
         out.train(was_training)
         if spent > budget["target"]:
             raise ValueError(

@@ -38,12 +38,14 @@ from lightning_prune._checks import check_int
 from lightning_prune.core.allocation import minimum_cost, round_widths, top_k_masks
 from lightning_prune.core.budget import Budget, resolve_budget
 from lightning_prune.core.cost import CostModel, CostReport, count_cost
+from lightning_prune.core.cost.latency import LATENCY, LatencyTable, check_latency_option, measure_latency
+from lightning_prune.core.cost.model import check_budget_cost
 from lightning_prune.core.cost.measure import output_widths
-from lightning_prune.core.export import export, record_budget
+from lightning_prune.core.export import export, record_budget, record_hardened
 from lightning_prune.core.folding import shrink_as_masked
 from lightning_prune.core.gates import FixedMask
 from lightning_prune.core.gating import GateSet, attach_gates, masks_in_state_dict
-from lightning_prune.core.graph import COSTS, RESIDUAL_MODES, ChannelGraph, zero_inputs
+from lightning_prune.core.graph import RESIDUAL_MODES, ChannelGraph, zero_inputs
 from lightning_prune.core.method import Method
 from lightning_prune.core.surgery import HISTORY_KEY, pruning_history, replayed_graph
 from lightning_prune.core.trace import build_graph
@@ -100,7 +102,13 @@ class PruningSession:
             regulariser, how keep-masks are chosen).
         budget: fraction of the full cost to keep, in (0, 1]; or
         factor: the papers' pruning factor ``1 / budget`` (give exactly one of the two).
-        cost: ``"volume"`` (activation volume), ``"macs"`` or ``"params"``.
+        cost: ``"volume"`` (activation volume), ``"macs"``, ``"params"`` or ``"latency"``
+            (nanoseconds per forward pass of the network's inference form at a batch size, on
+            this device; see :mod:`lightning_prune.core.cost.latency`).
+        latency: with ``cost="latency"``: a :class:`~lightning_prune.core.cost.latency.LatencyTable`
+            measured for this network, or the keyword arguments of
+            :func:`~lightning_prune.core.cost.latency.measure_latency` (at least ``batch_size``),
+            with which :meth:`trace` measures it (or finds it in the cache).
         ignore: module names never to prune (output heads are never pruned anyway).
         owner: module to register the gates under (the LightningModule, so that checkpoints,
             optimizers and DDP see them); default: none (the session holds them).
@@ -122,13 +130,14 @@ class PruningSession:
         owner: nn.Module | None = None,
         register: bool = True,
         residual: str | None = None,
+        latency: LatencyTable | Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(network, nn.Module):
             raise TypeError(f"network must be an nn.Module, got {type(network).__name__}")
         if not isinstance(method, Method):
             raise TypeError(f"method must be a lightning_prune.core.method.Method, got {type(method).__name__}")
-        if cost not in COSTS:
-            raise ValueError(f"cost must be one of {', '.join(map(repr, COSTS))}, got {cost!r}")
+        check_budget_cost(cost)
+        self.latency = check_latency_option(cost, latency)
         if isinstance(ignore, str) or not all(isinstance(n, str) for n in ignore):
             raise TypeError("ignore must be a sequence of module names")
         if owner is not None and not isinstance(owner, nn.Module):
@@ -177,7 +186,11 @@ class PruningSession:
         if self.traced:
             raise RuntimeError("the session is traced already")
         self.graph = build_graph(self.network, example_input, ignore=self.ignore, residual=self.residual)
-        self.cost_model = CostModel(self.graph)
+        if self.cost == LATENCY:
+            if not isinstance(self.latency, LatencyTable):
+                self.latency = measure_latency(self.network, self.graph, **self.latency)
+            self.latency.check_network(self.network)
+        self.cost_model = self._cost_model()
         self.budget = Budget.of(self.fraction, self.cost, self.cost_model.full(self.cost), minimum_cost(self.cost_model, self.cost))
         record_budget(self.network, self.cost, self.budget.target, self.budget.full, self.graph.example_input())
         self._attach(self.method.make_gate)
@@ -192,6 +205,9 @@ class PruningSession:
         self._when_traced.append(check)
         if self.traced:
             check(self)
+
+    def _cost_model(self) -> CostModel:
+        return CostModel(self.graph, latency=self.latency if isinstance(self.latency, LatencyTable) else None)
 
     def _attach(self, gates: Any) -> None:
         self.gates = attach_gates(self.network, self.graph, gates, owner=self.owner, name=GATES_ATTR)
@@ -301,6 +317,7 @@ class PruningSession:
         if not self.active:
             raise RuntimeError(f"harden: the session is {self.phase}, not in the soft phase")
         masks = self.graph.check_masks(dict(masks))
+        record_hardened(self.network, self.cost_model.exact(masks, self.cost))
         self.method.stop(self)
         self.gates.detach()
         self.gates = None
@@ -308,7 +325,7 @@ class PruningSession:
         self.phase = "hard"
         if shrink:
             self.graph = shrink_as_masked(self.network, masks, graph=self.graph, optimizer=list(optimizers))
-            self.cost_model = CostModel(self.graph)
+            self.cost_model = self._cost_model()
         else:
             self._attach({n: FixedMask(m) for n, m in masks.items()})
 
@@ -350,6 +367,8 @@ class PruningSession:
             state["start_factor"] = self.budget.start_factor
         if self.optimizer is not None:
             state["gate_optimizer"] = self.optimizer.state_dict()
+        if isinstance(self.latency, LatencyTable) and self.budget is not None:
+            state["latency"] = {"table": self.latency.to_dict(), "full": self.budget.full, "floor": self.budget.floor}
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -361,6 +380,10 @@ class PruningSession:
         self.pruned_at = state.get("pruned_at")
         self.method.load_state_dict(state.get("method", {}))
         self._rng = state.get("rng_state")
+        if "latency" in state and self.traced:  # the run's own latency model, not one measured again on resuming
+            self.latency = LatencyTable.from_dict(state["latency"]["table"])
+            self.cost_model = self._cost_model()
+            self.budget.full, self.budget.floor = float(state["latency"]["full"]), int(state["latency"]["floor"])
         if self.optimizer is not None and "gate_optimizer" in state:
             self.optimizer.load_state_dict(state["gate_optimizer"])
 
@@ -405,7 +428,7 @@ class PruningSession:
                     self.graph = replayed_graph(self.graph, history)
                 else:
                     self.graph = build_graph(self.network, self.graph.example_input(), ignore=self.ignore)
-                self.cost_model = CostModel(self.graph)
+                self.cost_model = self._cost_model()
 
     @staticmethod
     def _recorded_example(state_dict: Mapping[str, Any], prefix: str, gate_keys: list[str]) -> tuple[Tensor, ...]:

@@ -32,7 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lightning_prune.core.cost import count_cost
-from lightning_prune.core.export import save_pruned
+from lightning_prune.core.cost.latency import LATENCY, time_network
+from lightning_prune.core.export import export, save_pruned
 from lightning_prune.search.space import SearchSpace
 from lightning_prune.search.spaces import CompressionSpace, sparse_cost, top1
 
@@ -69,13 +70,19 @@ def architecture(model_cfg: DictConfig, num_classes: int) -> dict[str, Any]:
 
 
 def search_space(model: DictConfig, data: DictConfig, kind: str = "structured", cost: str = "macs",
-                 residual: str = "tied") -> SearchSpace:
+                 residual: str = "tied", latency: Any = None) -> SearchSpace:
     """The search space (dimensions and cost predictor) of ``kind`` for the architecture of the
     ``model`` config; no weights or data are loaded (the datamodule only says the number of
     classes and the input shape). The ``adans`` sweeper builds it from ``search.space``."""
     datamodule = instantiate(data)
     net = _build_model(model, datamodule.num_classes)
-    return CompressionSpace(net, torch.zeros(1, *datamodule.input_shape), kind, cost, residual=residual).search_space
+    return CompressionSpace(net, torch.zeros(1, *datamodule.input_shape), kind, cost, residual=residual,
+                            latency=latency_options(latency)).search_space
+
+
+def latency_options(latency: Any) -> dict[str, Any] | None:
+    """``search.latency`` (a config node of :func:`lightning_prune.measure_latency` arguments, or null) as a dict."""
+    return OmegaConf.to_container(latency, resolve=True) if isinstance(latency, DictConfig) else latency
 
 
 class Evaluator:
@@ -105,7 +112,7 @@ class Evaluator:
         load_weights(self.model, s.checkpoint, s.checkpoint_prefix or "")
         self.model.eval()
         self.space = CompressionSpace(self.model, torch.zeros(1, *self.datamodule.input_shape), s.kind, s.cost,
-                                      residual=s.get("residual", "tied"))
+                                      residual=s.get("residual", "tied"), latency=latency_options(s.get("latency")))
         if self.space.structured:
             if s.rank_size == 0:
                 raise ValueError("search.rank_size must be positive for structured pruning (channels are ranked on "
@@ -152,8 +159,12 @@ def final(cfg: DictConfig, ev: Evaluator, x: Any, output_dir: Path) -> dict[str,
     masked_accuracy = ev.space.accuracy(x, ev.inputs, ev.targets, ev.batch_size)
     model = ev.space.compress(x)
     example = ev.space.example_input
-    measured = sparse_cost(model, example) if ev.space.unstructured else count_cost(model, example)
-    measured_cost = measured[ev.space.cost]
+    if ev.space.cost == LATENCY:  # timed now, in the inference form, at the latency model's batch size
+        inference = export(model, inference=True, example_input=example, allow_over_budget=True)
+        measured_cost = time_network({"compressed": inference}, ev.space.latency, example)["compressed"]
+    else:
+        measured = sparse_cost(model, example) if ev.space.unstructured else count_cost(model, example)
+        measured_cost = measured[ev.space.cost]
     out: dict[str, Any] = {
         "accuracy": top1(model, ev.inputs, ev.targets, ev.batch_size),
         "masked_accuracy": masked_accuracy,

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -54,7 +54,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_prune.core.cost import COSTS, CostModel, count_cost
+from lightning_prune.core.cost import CostModel, count_cost
+from lightning_prune.core.cost.latency import LATENCY, LatencyTable, check_latency_option, measure_latency
+from lightning_prune.core.cost.model import check_budget_cost
 from lightning_prune.core.decomposition import decompose as decompose_layer
 from lightning_prune.core.decomposition import mode_bases, svd_layer, tucker2_layer
 from lightning_prune.core.gates import FixedMask
@@ -128,8 +130,12 @@ class CompressionSpace:
             fixed masks), :meth:`reset` restores it.
         example_input: one input batch (shapes only), e.g. ``torch.zeros(1, 3, 32, 32)``.
         kind: one of ``KINDS``.
-        cost: ``"macs"``, ``"params"`` (or ``"volume"`` for ``structured`` only): what
-            :meth:`predict_cost` counts, per sample.
+        cost: ``"macs"``, ``"params"`` (or ``"volume"`` or ``"latency"`` for ``structured``
+            only): what :meth:`predict_cost` counts, per sample (latency: nanoseconds per
+            batch of the inference form, predicted by a measured latency model).
+        latency: with ``cost="latency"``: a :class:`~lightning_prune.core.cost.latency.LatencyTable`
+            of ``model`` or the keyword arguments of :func:`lightning_prune.measure_latency`
+            (at least ``batch_size``; measured here, or read from its disk cache).
         ignore: modules (or names) whose output channels are never pruned (structured).
         residual: ``"tied"`` (a residual stream and its branches are one group) or
             ``"mixed"`` (each residual branch is a group of its own, whose rate 1 removes the
@@ -144,6 +150,7 @@ class CompressionSpace:
         cost: str = "macs",
         ignore: Iterable[nn.Module | str] = (),
         residual: str = "tied",
+        latency: LatencyTable | Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -151,10 +158,10 @@ class CompressionSpace:
             raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        if cost not in COSTS:
-            raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
-        if cost == "volume" and kind != "structured":
-            raise ValueError(f"cost='volume' is supported for kind='structured' only, got kind={kind!r}")
+        check_budget_cost(cost)
+        if cost in ("volume", LATENCY) and kind != "structured":
+            raise ValueError(f"cost={cost!r} is supported for kind='structured' only, got kind={kind!r}")
+        latency = check_latency_option(cost, latency)
         self.model = model
         self.example_input = example_input[:1].detach()
         self.kind = kind
@@ -164,7 +171,12 @@ class CompressionSpace:
         modules = dict(model.named_modules())
         with torch.no_grad():
             self.graph = build_graph(model, self.example_input, ignore=ignore, residual=residual)
-        self.cost_model = CostModel(self.graph)
+        if isinstance(latency, Mapping):
+            latency = measure_latency(model, self.graph, **latency)
+        if latency is not None:
+            latency.check_network(model)
+        self.latency = latency
+        self.cost_model = CostModel(self.graph, latency=latency)
         self._spatial_in = self._input_spatial()
 
         dims: list[Dimension] = []

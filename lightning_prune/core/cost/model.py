@@ -43,14 +43,18 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from lightning_prune.core.cost.latency import LATENCY, LatencyTable
 from lightning_prune.core.graph import COSTS, ChannelGraph
 
-__all__ = ["CostModel", "COSTS"]
+__all__ = ["BUDGET_COSTS", "CostModel", "COSTS"]
+
+BUDGET_COSTS = (*COSTS, LATENCY)  # what a budget can be given in: the counted costs and the measured latency
 
 
-def _check_cost(cost: str) -> str:
-    if cost not in COSTS:
-        raise ValueError(f"cost must be one of {', '.join(repr(c) for c in COSTS)}, got {cost!r}")
+def check_budget_cost(cost: object, name: str = "cost") -> str:
+    """``cost`` if it is one of :data:`BUDGET_COSTS`, else a ``ValueError`` naming ``name``."""
+    if cost not in BUDGET_COSTS:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, BUDGET_COSTS))}, got {cost!r}")
     return cost
 
 
@@ -59,12 +63,21 @@ class CostModel:
 
     Args:
         graph: the channel graph of the (possibly already shrunk) model.
+        latency: a measured :class:`~lightning_prune.core.cost.latency.LatencyTable` of the
+            model (:func:`~lightning_prune.core.cost.latency.measure_latency`): then
+            ``"latency"`` is a cost too, in nanoseconds per forward pass of the table's batch
+            (predicted by the table; ``exact`` is the prediction for hard masks, not a measurement).
     """
 
-    def __init__(self, graph: ChannelGraph) -> None:
+    def __init__(self, graph: ChannelGraph, latency: LatencyTable | None = None) -> None:
         if not isinstance(graph, ChannelGraph):
             raise TypeError(f"graph must be a ChannelGraph (from build_graph), got {type(graph).__name__}")
+        if latency is not None and not isinstance(latency, LatencyTable):
+            raise TypeError(f"latency must be a LatencyTable (from measure_latency) or None, got {type(latency).__name__}")
+        if latency is not None:
+            latency.check_graph(graph)
         self.graph = graph
+        self.latency = latency
         self.names = tuple(graph.groups)
         self.sizes = tuple(g.size for g in graph.groups.values())
         self.offsets = {}
@@ -105,6 +118,18 @@ class CostModel:
         self._b = {c: torch.tensor([ab[1] for ab in coef[c]], dtype=torch.long) for c in COSTS}
         self._constant = {"volume": 0, "macs": graph.untracked["macs"], "params": graph.untracked["params"]}
         self._layer_names = tuple(layer_names)
+        self._latency = None if latency is None else self._latency_grids(latency, layer_names)
+        # Mixed-connectivity blocks scatter each branch into the stream and add it there: work
+        # in proportion to the stream's kept channels x the branch output's positions.
+        scatter = torch.zeros(self.num_channels, dtype=torch.float64)
+        for name, group in graph.groups.items():
+            if group.is_branch:
+                spatial = max(graph.layers[m.module].spatial for m in group.members)
+                start = self.offsets[group.stream]
+                scatter[start : start + graph.groups[group.stream].size] += spatial
+        self._scatter = scatter
+        if latency is not None:
+            self._constant[LATENCY] = latency.offset
         self._cache: dict[tuple[torch.device, torch.dtype], dict] = {}
         # Mixed-connectivity residual blocks: a branch channel counts as kept when its stream
         # channel is kept too, and a branch's layers count only while it keeps a channel.
@@ -143,6 +168,8 @@ class CostModel:
                 "a": {c: t.to(device, dtype) for c, t in self._a.items()},
                 "b": {c: t.to(device, dtype) for c, t in self._b.items()},
                 "mixed": None if self._mixed is None else {k: v.to(device) for k, v in self._mixed.items()},
+                "latency": None if self._latency is None else {k: v.to(device, dtype) for k, v in self._latency.items()},
+                "scatter": self._scatter.to(device, dtype),
             }
         return self._cache[key]
 
@@ -176,16 +203,72 @@ class CostModel:
         factor = torch.ones(len(self._layer_names), dtype=flat.dtype, device=flat.device)
         return factor.index_put((mixed["rows"],), (1 - empty)[mixed["row_branch"]])
 
+    @staticmethod
+    def _latency_grids(table: LatencyTable, layer_names: list[str]) -> dict[str, Tensor]:
+        """The layers' grids and timings, padded to one size (past the full width: the last
+        value repeated, at widths no layer reaches) for a batched interpolation."""
+        timings = [table.layers.get(n) for n in layer_names]  # None: a batch norm, timed with the rest
+        size = max([2] + [max(len(t.cin), len(t.out)) for t in timings if t is not None])
+
+        def pad(grid: tuple[int, ...]) -> list[float]:
+            return [*grid, *(grid[-1] + k for k in range(1, size - len(grid) + 1))]
+
+        cin, out, ns = [], [], []
+        for t in timings:
+            if t is None:
+                cin.append(pad((0,)))
+                out.append(pad((0,)))
+                ns.append([[0.0] * size for _ in range(size)])
+                continue
+            cin.append(pad(t.cin))
+            out.append(pad(t.out))
+            rows = [[*r, *[r[-1]] * (size - len(r))] for r in t.ns]
+            ns.append(rows + [rows[-1]] * (size - len(rows)))
+        return {"cin": torch.tensor(cin, dtype=torch.float64), "out": torch.tensor(out, dtype=torch.float64),
+                "ns": torch.tensor(ns, dtype=torch.float64), "per_volume": torch.tensor(table.per_volume, dtype=torch.float64),
+                "per_scatter": torch.tensor(table.per_scatter, dtype=torch.float64)}
+
+    @staticmethod
+    def _locate(grid: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per row, the grid interval ``[grid[i], grid[i + 1]]`` holding ``x`` and the position in it."""
+        i = torch.searchsorted(grid, x.detach().unsqueeze(1).contiguous(), right=True).squeeze(1) - 1
+        i = i.clamp(0, grid.shape[1] - 2)
+        low, high = grid.gather(1, i.unsqueeze(1)).squeeze(1), grid.gather(1, (i + 1).unsqueeze(1)).squeeze(1)
+        return i, (x - low) / (high - low)
+
+    def _latency_values(self, cin: Tensor, out: Tensor, t: dict) -> Tensor:
+        """Every layer's predicted nanoseconds: its timing interpolated bilinearly at (cin, out),
+        plus the fitted share of the rest of the network, ``per_volume`` x its volume."""
+        lat = t["latency"]
+        i, u = self._locate(lat["cin"], cin)
+        j, v = self._locate(lat["out"], out)
+        rows = torch.arange(len(self._layer_names), device=cin.device)
+        ns = lat["ns"]
+        timed = (
+            ns[rows, i, j] * (1 - u) * (1 - v) + ns[rows, i, j + 1] * (1 - u) * v
+            + ns[rows, i + 1, j] * u * (1 - v) + ns[rows, i + 1, j + 1] * u * v
+        )
+        return timed + lat["per_volume"] * (t["a"]["volume"] * cin * out + t["b"]["volume"] * out)
+
     def _values(self, flat: Tensor, cost: str) -> Tensor:
         """The cost of every layer."""
+        if cost == LATENCY and not flat.is_floating_point():
+            flat = flat.double()
         t = self._tensors(flat.device, flat.dtype)
         cin, out = self._counts(flat)
-        values = t["a"][cost] * cin * out + t["b"][cost] * out
+        if cost == LATENCY:
+            values = self._latency_values(cin, out, t)
+        else:
+            values = t["a"][cost] * cin * out + t["b"][cost] * out
         factor = self._layer_factor(flat, t)
         return values if factor is None else values * factor
 
     def _evaluate(self, flat: Tensor, cost: str) -> Tensor:
-        return self._constant[cost] + self._values(flat, cost).sum()
+        total = self._constant[cost] + self._values(flat, cost).sum()
+        if cost == LATENCY:
+            t = self._tensors(flat.device, torch.float64 if not flat.is_floating_point() else flat.dtype)
+            total = total + t["latency"]["per_scatter"] * (t["scatter"] * flat.to(t["scatter"].dtype)).sum()
+        return total
 
     def _flat_masks(self, masks: Mapping[str, Tensor | int]) -> Tensor:
         if not isinstance(masks, Mapping):
@@ -227,6 +310,15 @@ class CostModel:
             parts.append(p.to(device, torch.float64))
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
 
+    def _check_cost(self, cost: str) -> str:
+        if cost == LATENCY and self.latency is None:
+            raise ValueError(
+                "cost 'latency' needs a latency model: CostModel(graph, latency=measure_latency(model, graph, batch_size=...))"
+            )
+        if cost not in COSTS and cost != LATENCY:
+            raise ValueError(f"cost must be one of {', '.join(repr(c) for c in BUDGET_COSTS)}, got {cost!r}")
+        return cost
+
     # -- public ------------------------------------------------------------------------
     def full(self, cost: str) -> int:
         """Cost per sample of the unpruned network (an exact integer)."""
@@ -239,14 +331,14 @@ class CostModel:
         is allowed when the group's channels all cost the same); groups not given keep all
         their channels. A group may keep zero channels here (it cannot be shrunk so far).
         """
-        _check_cost(cost)
+        self._check_cost(cost)
         return int(self._evaluate(self._flat_masks(masks), cost).item())
 
     def expected(self, probs: Mapping[str, Tensor], cost: str) -> Tensor:
         """Expected cost per sample (float64 scalar, differentiable w.r.t. ``probs``) when channel
         ``i`` of group ``g`` is kept with probability ``probs[g][i]`` independently of the
         others; groups not given are kept."""
-        _check_cost(cost)
+        self._check_cost(cost)
         return self._evaluate(self._flat_probs(probs), cost)
 
     def channel_weights(self, cost: str, probs: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
@@ -254,7 +346,7 @@ class CostModel:
         of :meth:`expected` w.r.t. each open-probability at ``probs`` (default: everything kept).
         For ``"volume"`` it does not depend on ``probs``: the ``H x W`` (summed over calls) of
         every layer that outputs the channel."""
-        _check_cost(cost)
+        self._check_cost(cost)
         flat = self._flat_probs({} if probs is None else {k: v.detach() for k, v in probs.items()}).requires_grad_(True)
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(self._evaluate(flat, cost), flat, allow_unused=True)
@@ -264,9 +356,16 @@ class CostModel:
 
     def per_layer(self, masks: Mapping[str, Tensor | int], cost: str) -> dict[str, int]:
         """Exact cost per sample of every convolution, linear and batch-norm layer under ``masks``."""
-        _check_cost(cost)
+        self._check_cost(cost)
         values = self._values(self._flat_masks(masks), cost)
         return {name: int(v) for name, v in zip(self._layer_names, values.tolist())}
+
+    def scatter_volume(self, masks: Mapping[str, Tensor | int]) -> int:
+        """Per sample, the stream channels x positions into which mixed-connectivity residual
+        branches are scattered and added (0 without mixed blocks): the part of the elementwise
+        work of a mixed network that the activation volume does not count."""
+        flat = self._flat_masks(masks)
+        return int((self._scatter.to(torch.float64) * flat.double()).sum().item())
 
     def kept_channels(self, masks: Mapping[str, Tensor | int]) -> dict[str, tuple[int, int]]:
         """``{layer name: (in_channels, out_channels)}`` after applying ``masks`` (``(0, 0)`` for
