@@ -18,7 +18,7 @@ every variant of a model/batch is timed once, interleaved, so that load from oth
 processes affects all variants alike; median per variant, and the relative spread
 (p75 - p25) / median to judge noise. The 1-minute load average is printed before and after.
 
-Usage: ``python benchmarks/shrink_speedup.py [--threads 1] [--repeats 7]``; prints a Markdown
+Usage: ``python benchmarks/shrink_speedup.py [--threads 1] [--repeats 7] [--inference]``; prints a Markdown
 section to paste into ``benchmarks/RESULTS.md``.
 """
 
@@ -35,10 +35,10 @@ import time
 
 import torch
 
-from lightning_prune import build_graph, count_cost, random_masks, shrink
+from lightning_prune import build_graph, count_cost, export, random_masks, shrink
 from lightning_prune.core.allocation import fit_budget
 from lightning_prune.core.cost import CostModel
-from lightning_prune.core.cost.latency import device_name
+from lightning_prune.core.cost.latency_measure import device_name
 from lightning_prune.models import CifarResNet, CifarVGG
 
 MODELS = {"ResNet-20": lambda: CifarResNet(20), "VGG-16": lambda: CifarVGG()}
@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="which models to time")
+    parser.add_argument("--inference", action="store_true",
+                        help="time every network (dense too) in its inference form: export(..., inference=True), channels_last")
     args = parser.parse_args(argv)
     if min(args.threads, args.repeats, args.repeats_batch1) < 1 or args.warmup < 0:
         parser.error("--threads, --repeats and --repeats-batch1 must be >= 1, --warmup >= 0")
@@ -97,8 +99,12 @@ def main(argv: list[str] | None = None) -> None:
                 mixed = copy.deepcopy(dense)
                 shrink(mixed, mixed_masks, graph=mixed_graph)
                 variants[f"{int(fraction * 100)}% mixed"] = (mixed.eval(), count_cost(mixed, example))
+        if args.inference:
+            variants = {name: (export(model, inference=True, example_input=example).eval(), cost) for name, (model, cost) in variants.items()}
         for batch in BATCHES:
             x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed))
+            if args.inference:
+                x = x.contiguous(memory_format=torch.channels_last)
             times: dict[str, list[float]] = {name: [] for name in variants}
             with torch.no_grad():
                 for _ in range(args.warmup):
@@ -129,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     load_after = os.getloadavg()[0]
 
     command = "python benchmarks/shrink_speedup.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print("## Shrink speedup\n")
+    print("## Shrink speedup" + (", inference export" if args.inference else "") + "\n")
     print(f"- command: `{command.strip()}`")
     print(f"- date: {started:%Y-%m-%d %H:%M %Z}")
     print(
@@ -142,13 +148,15 @@ def main(argv: list[str] | None = None) -> None:
         "- masks: random, the same fraction of channels removed from every prunable group "
         "(heads kept); MACs per image measured with `count_cost` on the shrunk network; "
         "`mixed`: mixed-connectivity residual blocks pruned to the MACs of the tied row above "
-        "(random scores, `fit_budget`)\n"
+        "(random scores, `fit_budget`)"
+        + ("; every network, dense too, timed in its inference form (`export(..., inference=True)`: batch norms folded, "
+           "channels_last weights and input)" if args.inference else "") + "\n"
     )
-    print("| model | batch | channels removed | MACs dense | MACs shrunk | MAC ratio | ms dense | ms shrunk | latency ratio | spread |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | batch | channels removed | MACs dense | MACs shrunk | MAC ratio | ms dense | ms shrunk | latency ratio | latency / MAC ratio | spread |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:,} | {r[4]:,} | {r[5]:.2f} | {r[6]:.2f} | {r[7]:.2f} | {r[8]:.2f} | {r[9]:.0%} |"
+            f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:,} | {r[4]:,} | {r[5]:.2f} | {r[6]:.2f} | {r[7]:.2f} | {r[8]:.2f} | {r[8] / r[5]:.2f} | {r[9]:.0%} |"
         )
     print("\nspread: the larger relative interquartile range, (p75 - p25) / median, of the two timings compared.")
 

@@ -1,7 +1,8 @@
 """lightning-prune: make networks physically smaller under an explicit budget, from Lightning callbacks."""
 
 from lightning_prune.core.budget import Budget, SigmoidalTransition
-from lightning_prune.core.cost import CostModel, CostReport, count_cost
+from lightning_prune.core.cost import CostModel, CostReport, LatencyTable, count_cost
+from lightning_prune.core.cost.latency_measure import measure_latency
 from lightning_prune.core.deploy import export_onnx, export_program
 from lightning_prune.core.export import export, load_checkpoint, load_pruned, save_pruned
 from lightning_prune.core.folding import shrink_as_masked
@@ -21,6 +22,7 @@ __all__ = [
     "CostModel",
     "CostReport",
     "GateSet",
+    "LatencyTable",
     "PruningSession",
     "SigmoidalTransition",
     "__version__",
@@ -35,6 +37,7 @@ __all__ = [
     "fold_batchnorm",
     "load_checkpoint",
     "load_pruned",
+    "measure_latency",
     "pruning_history",
     "random_masks",
     "replay",

@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import lightning_prune.core.cost.latency as latency_module
+import lightning_prune.core.cost.latency_measure as latency_module
 from lightning_prune import PruningSession, build_graph, export, random_masks
 from lightning_prune.callbacks import BudgetAwareRegularization, HardPruning, RandomPruning
-from lightning_prune.core.cost import CostModel, LatencyTable, LayerTiming, measure_latency
+from lightning_prune.core.cost import CostModel, LatencyTable, LayerTiming
+from lightning_prune.core.cost.latency_measure import measure_latency
 from lightning_prune.methods import RandomChoice
 from lightning_prune.models import CifarResNet
 from tests.core_zoo import TEST_KEY, macs_table, one_thread  # noqa: F401  (one_thread: autouse, one intra-op thread)

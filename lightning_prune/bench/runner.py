@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lightning_prune.bench.methods import METHODS, REFERENCE, Run
 from lightning_prune.bench.training import dense_epochs, fit, latency_ratios, plain, test_accuracy
 from lightning_prune.core.cost import CostModel, count_cost
-from lightning_prune.core.cost.latency import LATENCY, LatencyTable, measure_latency, time_network
+from lightning_prune.core.cost.latency import LATENCY, LatencyTable
+from lightning_prune.core.cost.latency_measure import measure_latency, time_network
 from lightning_prune.core.cost.model import check_budget_cost
 from lightning_prune.core.export import export
 from lightning_prune.core.trace import build_graph

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_prune.core.budget import resolve_budget
-from lightning_prune.core.cost.latency import LatencyTable, check_latency_option, measure_latency
+from lightning_prune.core.cost.latency import LatencyTable, check_latency_option
+from lightning_prune.core.cost.latency_measure import measure_latency
 from lightning_prune.core.cost.model import check_budget_cost
 from lightning_prune.core.gating import GateSet
 from lightning_prune.core.method import Method

@@ -14,7 +14,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from lightning_prune._checks import check_bool, check_int
 from lightning_prune.callbacks.gated import require_session, rewrap_ddp
 from lightning_prune.callbacks.report import layer_table, plot_alive_channels
-from lightning_prune.core.cost.latency import LATENCY, time_network
+from lightning_prune.core.cost.latency import LATENCY
+from lightning_prune.core.cost.latency_measure import time_network
 from lightning_prune.core.export import export
 from lightning_prune.core.session import PruningSession
 

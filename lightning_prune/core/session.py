@@ -38,7 +38,8 @@ from lightning_prune._checks import check_int
 from lightning_prune.core.allocation import minimum_cost, round_widths, top_k_masks
 from lightning_prune.core.budget import Budget, resolve_budget
 from lightning_prune.core.cost import CostModel, CostReport, count_cost
-from lightning_prune.core.cost.latency import LATENCY, LatencyTable, check_latency_option, measure_latency
+from lightning_prune.core.cost.latency import LATENCY, LatencyTable, check_latency_option
+from lightning_prune.core.cost.latency_measure import measure_latency
 from lightning_prune.core.cost.model import check_budget_cost
 from lightning_prune.core.cost.measure import output_widths
 from lightning_prune.core.export import export, record_budget, record_hardened

@@ -41,7 +41,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from lightning_prune.core.cost.measure import CostReport, check_example, count_cost
+from lightning_prune.core.cost.measure import CostReport, check_example, count_cost, forward_with_hooks
 from lightning_prune.core.gating import attached_gates
 from lightning_prune.core.residual import uses_mixed_modules
 from lightning_prune.core.graph import (
@@ -105,16 +105,7 @@ def _measure_layers(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[dict[
             order.append(name)
 
     tracked = [(n, m) for n, m in model.named_modules() if layer_kind(m) is not None]
-    handles = [m.register_forward_hook(hook) for _, m in tracked]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    forward_with_hooks(model, inputs, [(m, hook) for _, m in tracked])
     layers = {}
     for name, m in tracked:
         kind = layer_kind(m)

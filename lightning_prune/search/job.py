@@ -32,7 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lightning_prune.core.cost import count_cost
-from lightning_prune.core.cost.latency import LATENCY, time_network
+from lightning_prune.core.cost.latency import LATENCY
+from lightning_prune.core.cost.latency_measure import time_network
 from lightning_prune.core.export import export, save_pruned
 from lightning_prune.search.space import SearchSpace
 from lightning_prune.search.spaces import CompressionSpace, sparse_cost, top1

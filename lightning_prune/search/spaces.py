@@ -55,7 +55,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_prune.core.cost import CostModel, count_cost
-from lightning_prune.core.cost.latency import LATENCY, LatencyTable, check_latency_option, measure_latency
+from lightning_prune.core.cost.latency import LATENCY, LatencyTable, check_latency_option
+from lightning_prune.core.cost.latency_measure import measure_latency
 from lightning_prune.core.cost.model import check_budget_cost
 from lightning_prune.core.decomposition import decompose as decompose_layer
 from lightning_prune.core.decomposition import mode_bases, svd_layer, tucker2_layer

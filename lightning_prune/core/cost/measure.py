@@ -17,6 +17,7 @@ Definitions (per input sample):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +59,21 @@ def check_example(example_input: object) -> tuple[Tensor, ...]:
     if inputs[0].dim() == 0 or inputs[0].shape[0] < 1:
         raise ValueError("example_input must have a leading batch dimension of at least 1")
     return tuple(inputs)
+
+
+@torch.no_grad()
+def forward_with_hooks(model: nn.Module, inputs: tuple[Tensor, ...], hooks: Iterable[tuple[nn.Module, Callable[..., None]]]) -> None:
+    """Run ``model(*inputs)`` once in eval mode without gradients, with each ``(module, hook)``
+    registered as a forward hook; the hooks are removed and the model's mode restored after."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    was_training = model.training
+    model.eval()
+    try:
+        model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
 
 
 @torch.no_grad()
