@@ -79,13 +79,13 @@ def _spread(values: list[float]) -> float:
     return (_quantile(values, 0.75) - _quantile(values, 0.25)) / statistics.median(values)
 
 
-def pruned(dense: nn.Module, factor: int, seed: int) -> nn.Module:
+def pruned(dense: nn.Module, factor: int, seed: int, round_to: int | None = None) -> nn.Module:
     """A copy of ``dense`` with channels dropped at random until its MACs are at most
-    1/``factor`` of the dense MACs, physically shrunk."""
+    1/``factor`` of the dense MACs (every width a multiple of ``round_to``, if given), physically shrunk."""
     net = copy.deepcopy(dense)
     session = PruningSession(net, RandomChoice(seed=seed), factor=factor, cost="macs", register=False)
     session.trace(torch.zeros(1, *INPUT))
-    session.harden(session.keep_masks())
+    session.harden(session.keep_masks(round_to=round_to))
     return net.eval()
 
 
@@ -114,7 +114,7 @@ def measure(slug: str, args: argparse.Namespace, command: str) -> dict:
     torch.manual_seed(args.seed)
     dense = factory().eval()
     example = torch.randn(2, *INPUT, generator=torch.Generator().manual_seed(args.seed))
-    networks = {"dense": dense, **{f"{f}x": pruned(dense, f, args.seed) for f in FACTORS}}
+    networks = {"dense": dense, **{f"{f}x": pruned(dense, f, args.seed, args.round_to) for f in FACTORS}}
     macs = {name: count_cost(net, torch.zeros(1, *INPUT)).macs for name, net in networks.items()}
     params = {name: count_cost(net, torch.zeros(1, *INPUT)).params for name, net in networks.items()}
     batches = TOY_BATCHES if args.toy else BATCHES
@@ -180,7 +180,9 @@ def measure(slug: str, args: argparse.Namespace, command: str) -> dict:
         "rounds": {"batch_1": args.repeats_batch1, "other_batches": args.repeats, "warmup": args.warmup},
         "seed": args.seed,
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
-        "pruning": "RandomChoice(seed) keep-masks at the MAC budget dense / factor, shrunk (PruningSession.harden)",
+        "pruning": "RandomChoice(seed) keep-masks at the MAC budget dense / factor, shrunk (PruningSession.harden)"
+        + (f", every width a multiple of {args.round_to} (keep_masks(round_to=))" if args.round_to else ""),
+        "round_to": args.round_to,
         "macs": macs,
         "params": params,
         "rows": rows,
@@ -207,7 +209,7 @@ def report(records: list[dict]) -> str:
     for record in records:
         load = record["load_average_1min"]
         lines.append(
-            f"- {record['network']}: `{record['command']}`, {record['date']}, {record['machine']['cpu']}, "
+            f"- {record['network']}{', widths multiples of ' + str(record['round_to']) if record.get('round_to') else ''}: `{record['command']}`, {record['date']}, {record['machine']['cpu']}, "
             f"torch {record['machine']['torch']}, onnxruntime {record['machine']['onnxruntime']}, "
             f"{record['threads']} thread(s), load {load['before']:.1f} -> {load['after']:.1f}"
             + (" (toy run: the ratios mean nothing)" if record["toy"] else "")
@@ -253,9 +255,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder of the JSON files")
     parser.add_argument("--force", action="store_true", help="measure again networks whose JSON file exists")
     parser.add_argument("--toy", action="store_true", help="batch 1 and 4, two rounds, one warm-up: a smoke test")
+    parser.add_argument("--round-to", type=int, default=None,
+                        help="pruned widths multiples of this (files <network>-round<k>.json)")
     args = parser.parse_args(argv)
     if args.toy:
         args.repeats, args.repeats_batch1, args.warmup = 2, 2, 1
+    if args.round_to is not None and args.round_to < 1:
+        parser.error("--round-to must be >= 1")
     if min(args.threads, args.repeats, args.repeats_batch1) < 1 or args.warmup < 0:
         parser.error("--threads, --repeats and --repeats-batch1 must be >= 1, --warmup >= 0")
     torch.set_num_threads(args.threads)
@@ -263,7 +269,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.out.mkdir(parents=True, exist_ok=True)
     records = []
     for slug in args.models:
-        path = args.out / f"{slug}{'-toy' if args.toy else ''}.json"
+        path = args.out / f"{slug}{f'-round{args.round_to}' if args.round_to else ''}{'-toy' if args.toy else ''}.json"
         if path.exists() and not args.force:
             print(f"kept: {path} (--force to measure again)", file=sys.stderr)
             records.append(json.loads(path.read_text()))

@@ -18,8 +18,8 @@ every variant of a model/batch is timed once, interleaved, so that load from oth
 processes affects all variants alike; median per variant, and the relative spread
 (p75 - p25) / median to judge noise. The 1-minute load average is printed before and after.
 
-Usage: ``python benchmarks/shrink_speedup.py [--threads 1] [--repeats 7] [--inference]``; prints a Markdown
-section to paste into ``benchmarks/RESULTS.md``.
+Usage: ``python benchmarks/shrink_speedup.py [--threads 1] [--repeats 7] [--inference] [--out file.json]``;
+prints a Markdown section to paste into ``benchmarks/RESULTS.md`` (and writes the rows as JSON).
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import json
 import os
 import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="which models to time")
+    parser.add_argument("--out", type=Path, default=None, help="also write the rows and the run's context to this JSON file")
     parser.add_argument("--inference", action="store_true",
                         help="time every network (dense too) in its inference form: export(..., inference=True), channels_last")
     args = parser.parse_args(argv)
@@ -159,6 +162,16 @@ def main(argv: list[str] | None = None) -> None:
             f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:,} | {r[4]:,} | {r[5]:.2f} | {r[6]:.2f} | {r[7]:.2f} | {r[8]:.2f} | {r[8] / r[5]:.2f} | {r[9]:.0%} |"
         )
     print("\nspread: the larger relative interquartile range, (p75 - p25) / median, of the two timings compared.")
+    if args.out is not None:
+        keys = ("model", "batch", "variant", "macs_dense", "macs_shrunk", "mac_ratio", "ms_dense", "ms_shrunk", "latency_ratio", "spread")
+        record = {
+            "command": command.strip(), "date": f"{started:%Y-%m-%d %H:%M %Z}", "machine": _cpu_name(), "torch": torch.__version__,
+            "threads": args.threads, "repeats": {"batch_1": args.repeats_batch1, "batch_256": args.repeats, "warmup": args.warmup},
+            "inference": args.inference, "load_average_1min": {"before": load_before, "after": load_after},
+            "rows": [dict(zip(keys, r)) for r in rows],
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import lightning_prune.core.cost.latency_measure as latency_module
 from lightning_prune import PruningSession, build_graph, export, random_masks
 from lightning_prune.callbacks import BudgetAwareRegularization, HardPruning, RandomPruning
 from lightning_prune.core.cost import CostModel, LatencyTable, LayerTiming
-from lightning_prune.core.cost.latency_measure import measure_latency
+from lightning_prune.core.cost.latency_measure import CALIBRATION_FRACTIONS, measure_latency
 from lightning_prune.methods import RandomChoice
 from lightning_prune.models import CifarResNet
 from tests.core_zoo import TEST_KEY, macs_table, one_thread  # noqa: F401  (one_thread: autouse, one intra-op thread)
@@ -52,6 +52,20 @@ def test_a_bilinear_timing_is_reproduced_exactly(residual: str) -> None:
     assert float(model.expected(probs, "latency")) == pytest.approx(float(model.expected(probs, "macs")), rel=1e-12)
     assert model.full("latency") == model.full("macs")
     assert emptied == (3 if residual == "mixed" else 0)
+
+
+def test_scatter_volume_counts_the_pruned_mixed_blocks_only() -> None:
+    """The scattered volume of a mixed network: 0 with every channel kept (nothing is
+    scattered); with one block's branch pruned, that block's stream channels x positions."""
+    graph = build_graph(CifarResNet(20), torch.zeros(1, 3, 32, 32), residual="mixed")
+    model = CostModel(graph)
+    assert model.scatter_volume({}) == 0
+    branch = graph.groups[graph.branch_names[0]]
+    stream_size = graph.groups[branch.stream].size
+    positions = max(graph.layers[m.module].spatial for m in branch.members)
+    masks = {branch.name: torch.arange(branch.size) > 0}
+    assert model.scatter_volume(masks) == stream_size * positions
+    assert model.scatter_volume({branch.stream: torch.arange(stream_size) > 0}) > 0  # every block of that stream
 
 
 def test_interpolation_golden_values_and_volume_term() -> None:
@@ -101,7 +115,7 @@ def test_measure_latency_caches_by_key(tmp_path, monkeypatch) -> None:
     assert set(table.layers) == {"0", "3", "8"}
     assert table.layers["3"].cin == (0, 1, 4, 8) and table.layers["3"].out == (0, 1, 6, 12)
     assert all(v > 0 for row in table.layers["3"].ns[1:] for v in row[1:])
-    assert set(table.measured) == {"1", "0.75", "0.5", "0.25"} and all(v > 0 for v in table.measured.values())
+    assert set(table.measured) == {f"{f:g}" for f in CALIBRATION_FRACTIONS} and all(v > 0 for v in table.measured.values())
     assert table.per_volume >= 0 and table.per_scatter == 0
 
     def no_timing(*args, **kwargs):

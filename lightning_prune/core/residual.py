@@ -53,11 +53,22 @@ def channel_dim(module: nn.Module) -> int:
     return -1 if isinstance(module, nn.Linear) else 1
 
 
+def zeros_as(x: Tensor, shape: list[int]) -> Tensor:
+    """Zeros of ``shape`` in ``x``'s dtype, device and memory format: a 4-D ``x`` in
+    ``channels_last`` gives ``channels_last`` zeros, so that copying ``x`` into them and adding
+    them to the stream (also ``channels_last`` in the inference export) stays a dense,
+    same-layout operation rather than a strided one."""
+    if x.dim() == 4 and len(shape) == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last).zero_()
+    return x.new_zeros(shape)
+
+
 def scatter_channels(x: Tensor, index: Tensor, width: int, dim: int) -> Tensor:
-    """``x`` with its channels (along ``dim``) placed at ``index`` of a zero tensor of ``width`` channels."""
+    """``x`` with its channels (along ``dim``) placed at ``index`` of a zero tensor of ``width``
+    channels (in ``x``'s memory format)."""
     shape = list(x.shape)
     shape[dim] = width
-    return x.new_zeros(shape).index_copy_(dim, index, x)  # in place into the fresh zeros: no extra copy
+    return zeros_as(x, shape).index_copy_(dim, index, x)  # in place into the fresh zeros: no extra copy
 
 
 class ScatteredOutput:
@@ -211,7 +222,7 @@ class RemovedLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.width is None:
             return x.new_empty(self._shape(x, 0))
-        return x.new_zeros(self._shape(x, self.width))
+        return zeros_as(x, self._shape(x, self.width))
 
     def extra_repr(self) -> str:
         what = f"zeros of {self.width} channels" if self.width is not None else "an empty tensor"

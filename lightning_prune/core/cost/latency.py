@@ -102,8 +102,9 @@ class LayerTiming:
 
 @dataclass(frozen=True)
 class LatencyTable:
-    """A measured latency model (see the module docstring): per-layer timings and the fit of
-    everything else, ``offset + per_volume x V`` nanoseconds."""
+    """A measured latency model (see the module docstring): per-layer timings, scaled by
+    ``layer_scale``, and the fit of everything else, ``offset + per_volume x V + per_scatter x S``
+    nanoseconds."""
 
     key: LatencyKey
     layers: Mapping[str, LayerTiming]
@@ -112,6 +113,7 @@ class LatencyTable:
     per_scatter: float
     measured: Mapping[str, float]  # the calibration: measured ns of the networks it was fitted to, by kept fraction
     predicted: Mapping[str, float]  # and the fit's prediction for each
+    layer_scale: float = 1.0  # the layers' timings alone, scaled to what they take inside the network
 
     def check_network(self, network: nn.Module) -> None:
         """``ValueError`` unless ``network`` is on the device type and dtype the table was measured on."""
@@ -146,7 +148,7 @@ class LatencyTable:
     def to_dict(self) -> dict[str, Any]:
         return {
             "key": asdict(self.key), "offset": self.offset, "per_volume": self.per_volume, "per_scatter": self.per_scatter,
-            "measured": dict(self.measured), "predicted": dict(self.predicted),
+            "layer_scale": self.layer_scale, "measured": dict(self.measured), "predicted": dict(self.predicted),
             "layers": {n: {"cin": list(t.cin), "out": list(t.out), "ns": [list(r) for r in t.ns]} for n, t in self.layers.items()},
         }
 
@@ -159,7 +161,7 @@ class LatencyTable:
             }
             return cls(
                 LatencyKey(**data["key"]), layers, float(data["offset"]), float(data["per_volume"]), float(data["per_scatter"]),
-                dict(data["measured"]), dict(data["predicted"]),
+                dict(data["measured"]), dict(data["predicted"]), float(data["layer_scale"]),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"latency: not a latency table ({type(err).__name__}: {err})") from err

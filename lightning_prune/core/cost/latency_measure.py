@@ -202,7 +202,9 @@ def _write_cache(path: Path, data: Mapping[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-CALIBRATION_FRACTIONS = (1.0, 0.75, 0.5, 0.25)  # of every group's channels kept in the networks the rest is fitted to
+CALIBRATION_FRACTIONS = (1.0, 0.85, 0.7, 0.55, 0.4, 0.25, 0.15)
+# of every group's channels kept in the networks the rest of the latency is fitted to
+DENSE_WEIGHT = 10.0  # of the dense network's error in the fit
 
 
 def _inference_form(network: nn.Module, graph: Any, masks: Mapping[str, Tensor] | None, example: tuple[Tensor, ...]) -> nn.Module:
@@ -273,15 +275,19 @@ def measure_latency(
         torch.set_num_threads(old_threads)
     if cache and changed:
         _write_cache(path, data)
-    return LatencyTable(key, timings, fit["offset"], fit["per_volume"], fit["per_scatter"], fit["measured"], fit["predicted"])
+    return LatencyTable(key, timings, fit["offset"], fit["per_volume"], fit["per_scatter"], fit["measured"], fit["predicted"],
+                        fit["layer_scale"])
 
 
 def _calibrate(network: nn.Module, graph: Any, timings: Mapping[str, LayerTiming], key: LatencyKey, device: torch.device, repeats: int) -> dict[str, Any]:
-    """Fit what the layer timings miss as ``offset + per_volume x V + per_scatter x S`` (``V``:
-    activation volume; ``S``: the stream channels x positions that mixed-connectivity branches
-    are scattered and added into, 0 for tied blocks) by least squares, from the network with
-    :data:`CALIBRATION_FRACTIONS` of every group's channels kept at random, timed interleaved
-    in their inference form. A coefficient the fit makes negative is dropped (fixed at 0)."""
+    """Fit the measured latency as ``layer_scale x (the layers' timings) + offset + per_volume x V
+    + per_scatter x S`` by least squares. ``V``: activation volume; ``S``: the stream channels x
+    positions that pruned mixed-connectivity branches are scattered and added into (0 for tied
+    blocks); the scale: layers timed alone run faster or slower than inside the network. The
+    networks: :data:`CALIBRATION_FRACTIONS` of every group's channels kept at random, timed
+    interleaved in their inference form; the dense network's error weighs :data:`DENSE_WEIGHT`
+    times (the budget is a fraction of its latency). A coefficient of ``V`` or ``S`` the fit makes
+    negative is dropped (0), a scale under 0.5 too (1)."""
     example = tuple(t.to(device) for t in graph.example_input())
     batch = _batch_of(example, key)
     generator = torch.Generator().manual_seed(0)
@@ -289,23 +295,27 @@ def _calibrate(network: nn.Module, graph: Any, timings: Mapping[str, LayerTiming
     nets = {k: _inference_form(network, graph, None if k == "1" else m, example) for k, m in masks.items()}
     measured = _fastest_ns({k: (lambda net=net: net(*batch)) for k, net in nets.items()}, repeats, device)
     layers_only = CostModel(graph, latency=LatencyTable(key, timings, 0.0, 0.0, 0.0, {}, {}))
-    features = {k: [1.0, float(layers_only.exact(m, "volume")), float(layers_only.scatter_volume(m))] for k, m in masks.items()}
-    rest = {k: measured[k] - layers_only.exact(m, LATENCY) for k, m in masks.items()}
-    used = [0, 1] + ([2] if any(f[2] for f in features.values()) else [])
-    while True:
-        a = torch.tensor([[features[k][c] for c in used] for k in masks], dtype=torch.float64)
-        b = torch.tensor([rest[k] for k in masks], dtype=torch.float64).unsqueeze(1)
+    # features: 1, V, S and the layers' own timings (whose coefficient is their scale)
+    features = {k: [1.0, float(layers_only.exact(m, "volume")), float(layers_only.scatter_volume(m)),
+                    float(layers_only.exact(m, LATENCY))] for k, m in masks.items()}
+    used = [0, 1, 2, 3] if any(f[2] for f in features.values()) else [0, 1, 3]
+    weight = torch.tensor([DENSE_WEIGHT if k == "1" else 1.0 for k in masks], dtype=torch.float64).unsqueeze(1)
+    coef = [0.0, 0.0, 0.0, 1.0]
+    while True:  # a scale dropped from the fit stays 1: the target is then what the layers' timings miss
+        target = [measured[k] - (0.0 if 3 in used else features[k][3]) for k in masks]
+        a = weight * torch.tensor([[features[k][c] for c in used] for k in masks], dtype=torch.float64)
+        b = weight * torch.tensor(target, dtype=torch.float64).unsqueeze(1)
         scale = a.abs().amax(0).clamp_min(1.0)
         solution = (torch.linalg.lstsq(a / scale, b).solution.squeeze(1) / scale).tolist()
-        negative = [c for c, x in zip(used, solution) if c and x < 0]
-        if not negative:
+        dropped = [c for c, x in zip(used, solution) if (c in (1, 2) and x < 0) or (c == 3 and x < 0.5)]
+        if not dropped:
             break
-        used.remove(negative[0])
-    coef = [0.0, 0.0, 0.0]
+        used.remove(dropped[0])
     for c, x in zip(used, solution):
         coef[c] = x
-    predicted = {k: measured[k] - rest[k] + sum(c * f for c, f in zip(coef, features[k])) for k in masks}
-    return {"offset": coef[0], "per_volume": coef[1], "per_scatter": coef[2], "measured": measured, "predicted": predicted}
+    predicted = {k: sum(c * f for c, f in zip(coef, features[k])) for k in masks}
+    return {"offset": coef[0], "per_volume": coef[1], "per_scatter": coef[2], "layer_scale": coef[3],
+            "measured": measured, "predicted": predicted}
 
 
 def _batch_of(example: tuple[Tensor, ...], key: LatencyKey) -> tuple[Tensor, ...]:

@@ -119,15 +119,27 @@ class CostModel:
         self._constant = {"volume": 0, "macs": graph.untracked["macs"], "params": graph.untracked["params"]}
         self._layer_names = tuple(layer_names)
         self._latency = None if latency is None else self._latency_grids(latency, layer_names)
-        # Mixed-connectivity blocks scatter each branch into the stream and add it there: work
-        # in proportion to the stream's kept channels x the branch output's positions.
-        scatter = torch.zeros(self.num_channels, dtype=torch.float64)
-        for name, group in graph.groups.items():
-            if group.is_branch:
-                spatial = max(graph.layers[m.module].spatial for m in group.members)
-                start = self.offsets[group.stream]
-                scatter[start : start + graph.groups[group.stream].size] += spatial
-        self._scatter = scatter
+        # Mixed-connectivity blocks scatter each pruned branch into the stream and add it there:
+        # work in proportion to the stream's kept channels x the branch output's positions, for
+        # every block whose branch or stream lost a channel (an unpruned block is not scattered).
+        stream_cols: list[int] = []
+        stream_seg: list[int] = []
+        block_cols: list[int] = []
+        block_seg: list[int] = []
+        spatial: list[float] = []
+        for k, group in enumerate(g for g in graph.groups.values() if g.is_branch):
+            spatial.append(float(max(graph.layers[m.module].spatial for m in group.members)))
+            stream = range(self.offsets[group.stream], self.offsets[group.stream] + graph.groups[group.stream].size)
+            stream_cols += stream
+            stream_seg += [k] * len(stream)
+            branch = range(self.offsets[group.name], self.offsets[group.name] + group.size)
+            block_cols += [*branch, *stream]
+            block_seg += [k] * (len(branch) + len(stream))
+        self._scatter = {
+            "stream_cols": torch.tensor(stream_cols, dtype=torch.long), "stream_seg": torch.tensor(stream_seg, dtype=torch.long),
+            "block_cols": torch.tensor(block_cols, dtype=torch.long), "block_seg": torch.tensor(block_seg, dtype=torch.long),
+            "spatial": torch.tensor(spatial, dtype=torch.float64),
+        }
         if latency is not None:
             self._constant[LATENCY] = latency.offset
         self._cache: dict[tuple[torch.device, torch.dtype], dict] = {}
@@ -169,7 +181,7 @@ class CostModel:
                 "b": {c: t.to(device, dtype) for c, t in self._b.items()},
                 "mixed": None if self._mixed is None else {k: v.to(device) for k, v in self._mixed.items()},
                 "latency": None if self._latency is None else {k: v.to(device, dtype) for k, v in self._latency.items()},
-                "scatter": self._scatter.to(device, dtype),
+                "scatter": {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in self._scatter.items()},
             }
         return self._cache[key]
 
@@ -226,7 +238,8 @@ class CostModel:
             ns.append(rows + [rows[-1]] * (size - len(rows)))
         return {"cin": torch.tensor(cin, dtype=torch.float64), "out": torch.tensor(out, dtype=torch.float64),
                 "ns": torch.tensor(ns, dtype=torch.float64), "per_volume": torch.tensor(table.per_volume, dtype=torch.float64),
-                "per_scatter": torch.tensor(table.per_scatter, dtype=torch.float64)}
+                "per_scatter": torch.tensor(table.per_scatter, dtype=torch.float64),
+                "layer_scale": torch.tensor(table.layer_scale, dtype=torch.float64)}
 
     @staticmethod
     def _locate(grid: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -238,7 +251,8 @@ class CostModel:
 
     def _latency_values(self, cin: Tensor, out: Tensor, t: dict) -> Tensor:
         """Every layer's predicted nanoseconds: its timing interpolated bilinearly at (cin, out),
-        plus the fitted share of the rest of the network, ``per_volume`` x its volume."""
+        times ``layer_scale``, plus the fitted share of the rest of the network, ``per_volume`` x
+        its volume."""
         lat = t["latency"]
         i, u = self._locate(lat["cin"], cin)
         j, v = self._locate(lat["out"], out)
@@ -248,7 +262,7 @@ class CostModel:
             ns[rows, i, j] * (1 - u) * (1 - v) + ns[rows, i, j + 1] * (1 - u) * v
             + ns[rows, i + 1, j] * u * (1 - v) + ns[rows, i + 1, j + 1] * u * v
         )
-        return timed + lat["per_volume"] * (t["a"]["volume"] * cin * out + t["b"]["volume"] * out)
+        return lat["layer_scale"] * timed + lat["per_volume"] * (t["a"]["volume"] * cin * out + t["b"]["volume"] * out)
 
     def _values(self, flat: Tensor, cost: str) -> Tensor:
         """The cost of every layer."""
@@ -263,11 +277,24 @@ class CostModel:
         factor = self._layer_factor(flat, t)
         return values if factor is None else values * factor
 
+    @staticmethod
+    def _scattered(flat: Tensor, t: dict) -> Tensor:
+        """Sum over mixed blocks of stream kept channels x positions x (1 - the product of the
+        keep values of the block's branch and stream channels): 0 for a block that keeps every
+        channel, which is not scattered; in expectation, nearly 1 for any gated block."""
+        sc = t["scatter"]
+        count = len(sc["spatial"])
+        if count == 0:
+            return flat.new_zeros(())
+        kept = flat.new_zeros(count).index_add(0, sc["stream_seg"], flat[sc["stream_cols"]])
+        whole = flat.new_ones(count).scatter_reduce(0, sc["block_seg"], flat[sc["block_cols"]], reduce="prod")
+        return (sc["spatial"] * kept * (1 - whole)).sum()
+
     def _evaluate(self, flat: Tensor, cost: str) -> Tensor:
         total = self._constant[cost] + self._values(flat, cost).sum()
         if cost == LATENCY:
             t = self._tensors(flat.device, torch.float64 if not flat.is_floating_point() else flat.dtype)
-            total = total + t["latency"]["per_scatter"] * (t["scatter"] * flat.to(t["scatter"].dtype)).sum()
+            total = total + t["latency"]["per_scatter"] * self._scattered(flat.to(t["scatter"]["spatial"].dtype), t)
         return total
 
     def _flat_masks(self, masks: Mapping[str, Tensor | int]) -> Tensor:
@@ -362,10 +389,11 @@ class CostModel:
 
     def scatter_volume(self, masks: Mapping[str, Tensor | int]) -> int:
         """Per sample, the stream channels x positions into which mixed-connectivity residual
-        branches are scattered and added (0 without mixed blocks): the part of the elementwise
-        work of a mixed network that the activation volume does not count."""
-        flat = self._flat_masks(masks)
-        return int((self._scatter.to(torch.float64) * flat.double()).sum().item())
+        branches are scattered and added (0 without mixed blocks, and for blocks that keep all
+        their channels): the part of the elementwise work of a mixed network that the activation
+        volume does not count."""
+        flat = self._flat_masks(masks).double()
+        return int(self._scattered(flat, self._tensors(flat.device, flat.dtype)).item())
 
     def kept_channels(self, masks: Mapping[str, Tensor | int]) -> dict[str, tuple[int, int]]:
         """``{layer name: (in_channels, out_channels)}`` after applying ``masks`` (``(0, 0)`` for
