@@ -5,6 +5,7 @@ and a latency budget through the session, BAR and random pruning, HardPruning an
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import lightning as L
@@ -151,6 +152,18 @@ def test_a_table_measured_in_another_dtype_is_refused(tmp_path) -> None:
     session = PruningSession(net.double(), RandomChoice(), factor=2, cost="latency", latency=table, register=False)
     with pytest.raises(ValueError, match=r"latency: the latency model was measured on cpu .*float32.*the network is on cpu, float64"):
         session.trace(torch.zeros(1, *INPUT, dtype=torch.float64))
+
+
+def test_a_table_measured_on_another_device_is_refused() -> None:
+    net = small_net()
+    graph = build_graph(net, torch.zeros(1, *INPUT))
+    table = macs_table(graph)
+    on_gpu = LatencyTable(
+        dataclasses.replace(table.key, device="cuda: some GPU", device_type="cuda"), table.layers, 0.0, 0.0, 0.0, {}, {}
+    )
+    session = PruningSession(net, RandomChoice(), factor=2, cost="latency", latency=on_gpu, register=False)
+    with pytest.raises(ValueError, match=r"latency: the latency model was measured on cuda \(cuda: some GPU\).*the network is on cpu"):
+        session.trace(torch.zeros(1, *INPUT))
 
 
 def test_latency_options_are_checked_at_the_boundary() -> None:
