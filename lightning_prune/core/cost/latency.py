@@ -1,8 +1,8 @@
 """Latency as a cost: how long the network's inference form takes on this device, as a function
-of the channels each group keeps.
+of the channels each group keeps. This module holds the model (plain data); measuring it is
+:func:`lightning_prune.core.cost.latency_measure.measure_latency`.
 
-A :class:`LatencyTable` is measured once per network, device, dtype, thread count and batch
-size by :func:`measure_latency`:
+A :class:`LatencyTable` is measured once per network, device, dtype, thread count and batch size:
 
 1. **Layers.** Every convolution and linear layer of the channel graph is rebuilt alone at a
    grid of kept (input, output) widths -- ``grid`` points from one channel to the full width
@@ -10,29 +10,31 @@ size by :func:`measure_latency`:
    channel runs nothing) -- and timed on a random input of its recorded shape at
    ``batch_size``, in the form the inference export runs it (bias on: the batch norm folded
    in; 2-D convolutions ``channels_last``). Layers with the same shape share one timing.
-2. **The rest.** Batch norms that do not fold, activations, additions, pooling and the
-   framework's per-call overhead are not timed layer by layer: the whole network is timed
-   in its inference form (:func:`lightning_prune.export` with ``inference=True``) dense and
-   with half of every group's channels removed at random, and the difference between those
-   measurements and the sum of the layer timings is fitted as ``offset + per_volume x V``
-   (``V``: the activation volume, which the memory-bound work follows). So the model's
-   prediction equals the measured latency of those two networks.
+2. **The rest.** Batch norms that do not fold, activations, additions, pooling, the scatter of
+   mixed-connectivity branches and the framework's per-call overhead are not timed layer by
+   layer: the whole network is timed in its inference form (:func:`lightning_prune.export`
+   with ``inference=True``) with 100, 85, 70, 55, 40, 25 and 15% of every group's channels kept
+   at random, and a least-squares fit gives ``layer_scale`` (layers alone run faster or slower
+   than inside the network), ``offset``, ``per_volume`` (per unit of activation volume ``V``,
+   which the memory-bound work follows) and ``per_scatter`` (per stream channel x position
+   that a pruned mixed block scatters into, ``S``); the dense network weighs most, so its
+   prediction is its measurement.
 
 :class:`~lightning_prune.core.cost.model.CostModel` (``CostModel(graph, latency=table)``)
-then predicts, for keep-masks, ``offset + sum over layers of T_l(cin_l, out_l) + per_volume
-x V`` in nanoseconds per forward pass of a batch, ``T_l`` interpolated bilinearly in the
-layer's grid. With open-probabilities instead of masks it evaluates the same formula at the
-expected widths, which is differentiable (piecewise linear), as the gates of BAR need; the
-expectation of a bilinear interpolation is not exactly the interpolation at the expectation,
-but the two agree at 0/1 probabilities.
+then predicts, for keep-masks, ``layer_scale x sum over layers of T_l(cin_l, out_l) + offset +
+per_volume x V + per_scatter x S`` in nanoseconds per forward pass of a batch, ``T_l``
+interpolated bilinearly in the layer's grid. With open-probabilities instead of masks it
+evaluates the same formula at the expected widths, which is differentiable (piecewise linear),
+as the gates of BAR need; the expectation of a bilinear interpolation is not exactly the
+interpolation at the expectation, but the two agree at 0/1 probabilities.
 
 Measurements are cached on disk (one JSON file per device, torch version, dtype, memory
 format, threads and batch size, under ``$LP_LATENCY_CACHE`` or
 ``~/.cache/lightning_prune/latency``): layers with a shape already timed and networks already
-calibrated are not measured again. Timings are the fastest of interleaved repeats (other processes only add time); they are
-still as noisy as the machine, which is why a budget in latency is checked against the model's
-prediction (deterministic), and the exported network's measured latency is reported next
-to it.
+calibrated are not measured again. Timings are the fastest of interleaved repeats (other
+processes only add time); they are still as noisy as the machine, which is why a budget in
+latency is checked against the model's prediction (deterministic), and the exported network's
+measured latency is reported next to it.
 """
 
 from __future__ import annotations
