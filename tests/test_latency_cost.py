@@ -177,15 +177,33 @@ def test_latency_options_are_checked_at_the_boundary() -> None:
         RandomPruning(factor=2, cost="time")
 
 
-def test_trace_measures_the_table_with_the_given_options(tmp_path) -> None:
-    net = small_net()
-    session = PruningSession(
-        net, RandomChoice(seed=1), budget=0.99, cost="latency", register=False,
-        latency={"batch_size": 4, "threads": 1, "grid": 2, "repeats": 1, "cache_dir": tmp_path},
-    )
+def test_trace_measures_the_table_with_the_given_options(monkeypatch) -> None:
+    """With options, trace measures the latency model with them (here a stand-in measurement, so
+    that the budget does not depend on this machine's noise) and budgets its prediction."""
+    import lightning_prune.core.session as session_module
+
+    calls = []
+
+    def stand_in(network, graph, **options):
+        calls.append(options)
+        return macs_table(graph)
+
+    monkeypatch.setattr(session_module, "measure_latency", stand_in)
+    options = {"batch_size": 4, "threads": 1, "grid": 2, "repeats": 1}
+    session = PruningSession(small_net(), RandomChoice(seed=1), factor=4, cost="latency", register=False, latency=options)
     session.trace(torch.zeros(1, *INPUT))
-    assert isinstance(session.latency, LatencyTable) and len(list(tmp_path.glob("*.json"))) == 1
-    assert session.budget.full == session.cost_model.full("latency") > 0
+    assert calls == [options]
+    assert session.budget.full == session.cost_model.full("latency") == session.cost_model.full("macs")
+    assert session.cost_model.exact(session.keep_masks(), "latency") <= session.budget.full / 4
+
+
+def test_measured_layer_timings_do_not_fall_as_widths_grow(tmp_path) -> None:
+    net = small_net()
+    table = measure_latency(net, build_graph(net, torch.zeros(1, *INPUT)), batch_size=4, threads=1, grid=3, repeats=1,
+                            cache_dir=tmp_path)
+    for timing in table.layers.values():
+        ns = torch.tensor(timing.ns)
+        assert bool((ns.diff(dim=0) >= 0).all()) and bool((ns.diff(dim=1) >= 0).all())
 
 
 def test_session_prunes_under_a_latency_budget_and_resumes_with_its_table() -> None:

@@ -157,6 +157,7 @@ def _fastest_ns(runs: Mapping[str, Any], repeats: int, device: torch.device) -> 
 
 
 def _time_layer(spec: Mapping[str, Any], points: int, repeats: int, key: LatencyKey, device: torch.device, dtype: torch.dtype) -> LayerTiming:
+    """The layer of ``spec`` timed on its grid of kept widths (0 ns with no input or output channel)."""
     cin_grid = _grid(spec["cin"], points, spec["varies_in"])
     out_grid = _grid(spec["out"], points, spec["varies_out"])
     generator = torch.Generator().manual_seed(0)
@@ -167,9 +168,12 @@ def _time_layer(spec: Mapping[str, Any], points: int, repeats: int, key: Latency
                 continue
             module, inputs = _build(spec, cin, out, key, device, dtype, generator)
             runs[f"{i},{j}"] = lambda module=module, inputs=inputs: [module(x) for x in inputs]
-    medians = _fastest_ns(runs, repeats, device)
-    ns = tuple(tuple(medians.get(f"{i},{j}", 0.0) for j in range(len(out_grid))) for i in range(len(cin_grid)))
-    return LayerTiming(cin_grid, out_grid, ns)
+    fastest = _fastest_ns(runs, repeats, device)
+    grid = torch.tensor([[fastest.get(f"{i},{j}", 0.0) for j in range(len(out_grid))] for i in range(len(cin_grid))],
+                        dtype=torch.float64)
+    # A layer with more channels is not faster: noise that says otherwise is taken out (running maxima).
+    grid = grid.cummax(dim=0).values.cummax(dim=1).values
+    return LayerTiming(cin_grid, out_grid, tuple(tuple(row) for row in grid.tolist()))
 
 
 def _signature(spec: Mapping[str, Any], points: int) -> str:
@@ -286,8 +290,9 @@ def _calibrate(network: nn.Module, graph: Any, timings: Mapping[str, LayerTiming
     blocks); the scale: layers timed alone run faster or slower than inside the network. The
     networks: :data:`CALIBRATION_FRACTIONS` of every group's channels kept at random, timed
     interleaved in their inference form; the dense network's error weighs :data:`DENSE_WEIGHT`
-    times (the budget is a fraction of its latency). A coefficient of ``V`` or ``S`` the fit makes
-    negative is dropped (0), a scale under 0.5 too (1)."""
+    times (the budget is a fraction of its latency). An offset or a coefficient of ``V`` or ``S``
+    the fit makes negative is dropped (0; a negative offset would predict negative latencies for
+    the smallest networks), a scale under 0.5 too (1)."""
     example = tuple(t.to(device) for t in graph.example_input())
     batch = _batch_of(example, key)
     generator = torch.Generator().manual_seed(0)
@@ -301,13 +306,14 @@ def _calibrate(network: nn.Module, graph: Any, timings: Mapping[str, LayerTiming
     used = [0, 1, 2, 3] if any(f[2] for f in features.values()) else [0, 1, 3]
     weight = torch.tensor([DENSE_WEIGHT if k == "1" else 1.0 for k in masks], dtype=torch.float64).unsqueeze(1)
     coef = [0.0, 0.0, 0.0, 1.0]
-    while True:  # a scale dropped from the fit stays 1: the target is then what the layers' timings miss
+    solution: list[float] = []
+    while used:  # a scale dropped from the fit stays 1: the target is then what the layers' timings miss
         target = [measured[k] - (0.0 if 3 in used else features[k][3]) for k in masks]
         a = weight * torch.tensor([[features[k][c] for c in used] for k in masks], dtype=torch.float64)
         b = weight * torch.tensor(target, dtype=torch.float64).unsqueeze(1)
         scale = a.abs().amax(0).clamp_min(1.0)
         solution = (torch.linalg.lstsq(a / scale, b).solution.squeeze(1) / scale).tolist()
-        dropped = [c for c, x in zip(used, solution) if (c in (1, 2) and x < 0) or (c == 3 and x < 0.5)]
+        dropped = [c for c, x in zip(used, solution) if (c in (0, 1, 2) and x < 0) or (c == 3 and x < 0.5)]
         if not dropped:
             break
         used.remove(dropped[0])
