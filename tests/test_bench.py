@@ -101,6 +101,9 @@ def test_the_report_is_the_same_every_time(folder: Path) -> None:
     for method in ("random", "width"):
         for seed in (0, 1):
             prune(bench_cfg(folder, "task=lenet5_mnist", f"method={method}", "budget.factor=3", f"seed={seed}"))
+    other = folder / "results-toy" / "latency" / "resnet20.json"  # another benchmark script's file: not a run
+    other.parent.mkdir(parents=True, exist_ok=True)
+    other.write_text(json.dumps({"network": "ResNet-20", "rows": []}))
     readme = folder / "README.md"
     readme.write_text(f"# a project\n\n{BEGIN}\nold table\n{END}\n\nmore text\n")
     first = report(folder, "results-toy", readme=readme)

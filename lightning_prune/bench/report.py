@@ -31,13 +31,17 @@ TORCH_PRUNING_RESNET56 = [("Group-L1", 93.53, 92.93, 2.12), ("Group-BN", 93.53, 
 
 
 def load_results(folder: Path) -> list[dict[str, Any]]:
-    """Every result file under ``folder`` (sorted by path, so the tables do not depend on the file system)."""
+    """Every result file of the suite under ``folder`` (sorted by path, so the tables do not
+    depend on the file system); files of other benchmark scripts kept there (e.g. ``latency/``,
+    which have no ``task`` and ``method``) are not runs of the suite and are skipped."""
     rows = []
     for path in sorted(folder.rglob("*.json")):
         try:
-            rows.append(json.loads(path.read_text()))
+            row = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"result file {path} is not valid JSON ({error}); delete it to run that job again") from None
+        if isinstance(row, dict) and "task" in row and "method" in row:
+            rows.append(row)
     return rows
 
 
