@@ -257,9 +257,14 @@ def test_a_latency_budget_through_the_callbacks(tmp_path, method: str) -> None:
     the budget and reports the exported network's measured latency next to it."""
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(32, *INPUT), torch.randint(0, 10, (32,)))
-    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    # a worker process: its iterator cannot be copied, so HardPruning's timing of the exported
+    # network must not copy anything that reaches the trainer (BAR's distillation hook did)
+    loader = torch.utils.data.DataLoader(data, batch_size=8, num_workers=1)
     table = macs_table(build_graph(small_net(), torch.zeros(1, *INPUT)), per_volume=2.0)
-    pruning = (BudgetAwareRegularization if method == "bar" else RandomPruning)(factor=2, cost="latency", latency=table, verbose=False)
+    extra = {"distillation": True} if method == "bar" else {}
+    pruning = (BudgetAwareRegularization if method == "bar" else RandomPruning)(
+        factor=2, cost="latency", latency=table, verbose=False, **extra
+    )
     hard = HardPruning(at_epoch=1, plot=False, verbose=False)
     trainer = L.Trainer(
         max_epochs=2, callbacks=[pruning, hard], logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -273,4 +278,6 @@ def test_a_latency_budget_through_the_callbacks(tmp_path, method: str) -> None:
     assert f"measured {report['measured_ms']:.2f} ms" in hard.summary["line"]
     dense_ms = pruning.session.budget.full / 1e6
     assert report["budget_ms"] == pytest.approx(dense_ms / 2)
-    assert sum(p.numel() for p in export(module.net).parameters()) < sum(p.numel() for p in small_net().parameters())
+    exported = export(module.net)
+    assert sum(p.numel() for p in exported.parameters()) < sum(p.numel() for p in small_net().parameters())
+    assert not exported._forward_hooks  # BAR's distillation hook ends with the soft phase

@@ -120,6 +120,7 @@ class BudgetAwareRegularization(GatedPruning):
         self.teacher: torch.nn.Module | None = None
         self._teacher_state: dict[str, Tensor] | None = None
         self._trainer: L.Trainer | None = None
+        self._distill_handle: Any = None
 
     def make_method(self) -> BarrierPenalty:
         return BarrierPenalty(**self._method_args)
@@ -134,12 +135,22 @@ class BudgetAwareRegularization(GatedPruning):
             if self._teacher_state is not None:  # resumed: the teacher of the original run
                 self.teacher.load_state_dict(self._teacher_state)
             self.teacher.eval().requires_grad_(False)
-            self.session.network.register_forward_hook(self._distill_hook)
+            callback = self
+
+            def distill(module: torch.nn.Module, args: tuple, output: Any) -> Any:
+                return callback._distill_hook(module, args, output)
+
+            # A plain function, not the bound method: copies of the network (export, deepcopy)
+            # keep the function as it is instead of copying this callback and its trainer.
+            self._distill_handle = self.session.network.register_forward_hook(distill)
 
     def _distill_hook(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
         if not (self.active and module.training and torch.is_grad_enabled() and isinstance(output, Tensor)):
-            if not self.active:
-                self.teacher = None  # hard pruning happened: the teacher is done
+            if not self.active:  # hard pruning happened: the teacher and the hook are done
+                self.teacher = None
+                if self._distill_handle is not None:
+                    self._distill_handle.remove()
+                    self._distill_handle = None
             return None
         trainer = self._trainer
         with torch.no_grad():

@@ -220,7 +220,6 @@ class GatedPruning(Callback):
         self.session = PruningSession(
             network, self.method, budget=self.budget, cost=self.cost, latency=self.latency, ignore=self.ignore, owner=pl_module
         )
-        self._trainer = trainer
         # Resuming: the checkpoint decides which gates the module must have before its tensors
         # load, before a pruning history is replayed (so this pre-hook goes first).
         handle = pl_module.register_load_state_dict_pre_hook(self._before_load)
@@ -229,12 +228,12 @@ class GatedPruning(Callback):
             enable_pruned_loading(pl_module)
         example = example_from(trainer, pl_module, self.example_input)
         if example is not None:
-            self._trace(example)
+            self._trace(example, trainer)
         elif self.verbose:
             rank_zero_info(f"{type(self).__name__}: no example input given; the first training batch will give one")
 
-    def _trace(self, example: tuple[Tensor, ...]) -> None:
-        self._share_latency(example)
+    def _trace(self, example: tuple[Tensor, ...], trainer: L.Trainer) -> None:
+        self._share_latency(example, trainer)
         self.session.trace(example)
         if self.verbose:
             s = self.session
@@ -243,12 +242,11 @@ class GatedPruning(Callback):
                 f"{type(s.network).__name__}; {self.cost} {s.budget.full:,.0f} -> budget {s.budget.target:,.0f}"
             )
 
-    def _share_latency(self, example: tuple[Tensor, ...]) -> None:
+    def _share_latency(self, example: tuple[Tensor, ...], trainer: L.Trainer) -> None:
         """Under DDP with a latency budget: rank 0 measures the latency model, every rank uses it
         (timings differ between processes; different budgets would prune different channels)."""
-        trainer = getattr(self, "_trainer", None)
         session = self.session
-        if session.cost != "latency" or isinstance(session.latency, LatencyTable) or trainer is None or trainer.world_size == 1:
+        if session.cost != "latency" or isinstance(session.latency, LatencyTable) or trainer.world_size == 1:
             return
         table = None
         if trainer.global_rank == 0:
@@ -266,7 +264,7 @@ class GatedPruning(Callback):
         (every rank does the same); return True if this call did it."""
         if self.session is None or self.session.traced:
             return False
-        self._trace(example_from_batch(self.session.network, batch))
+        self._trace(example_from_batch(self.session.network, batch), trainer)
         self._fit_started(trainer)
         rewrap_ddp(trainer)  # the gates are new parameters
         return True
