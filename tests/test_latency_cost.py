@@ -7,6 +7,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -281,3 +285,19 @@ def test_a_latency_budget_through_the_callbacks(tmp_path, method: str) -> None:
     exported = export(module.net)
     assert sum(p.numel() for p in exported.parameters()) < sum(p.numel() for p in small_net().parameters())
     assert not exported._forward_hooks  # BAR's distillation hook ends with the soft phase
+
+
+@pytest.mark.slow
+def test_ddp_ranks_share_the_latency_model_rank_0_measured(tmp_path) -> None:
+    """Two gloo processes, the latency model measured at trace time: one cache file (rank 0's
+    measurement), the same table and the same pruned tensors on both ranks."""
+    script = Path(__file__).parent / "scripts" / "ddp_latency.py"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["table"] == ranks[1]["table"]
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+    assert ranks[0]["tensors"].keys() == ranks[1]["tensors"].keys()
+    for key, value in ranks[0]["tensors"].items():
+        assert torch.equal(value, ranks[1]["tensors"][key]), key

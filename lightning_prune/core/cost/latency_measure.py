@@ -254,7 +254,7 @@ def measure_latency(
     old_threads = torch.get_num_threads()
     threads = old_threads if threads is None else threads
     has_conv2d = any(isinstance(m, nn.Conv2d) for m in network.modules())
-    key = LatencyKey(device_name(device), device.type, torch.__version__, str(dtype).removeprefix("torch."), threads, batch_size, has_conv2d)
+    key = LatencyKey(device_name(device), device.type, str(torch.__version__), str(dtype).removeprefix("torch."), threads, batch_size, has_conv2d)
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = path / key.file_name()
     data = _read_cache(path, key) if cache else {"key": asdict(key), "layers": {}, "networks": {}}
