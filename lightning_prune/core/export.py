@@ -120,6 +120,12 @@ def record_hardened(network: nn.Module, cost: float) -> None:
         budget["hardened"] = float(cost)
 
 
+def inference_channels_last(module: nn.Module) -> bool:
+    """Whether the inference export stores ``module``'s weights ``channels_last`` by default:
+    when it has a 2-D convolution."""
+    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
 def export(
     module: nn.Module,
     *,
@@ -181,7 +187,7 @@ def export(
     if inference:
         fold_batchnorm(out, example_input)
     if channels_last is None:
-        channels_last = inference and any(isinstance(m, nn.Conv2d) for m in out.modules())
+        channels_last = inference and inference_channels_last(out)
     if channels_last:
         out.to(memory_format=torch.channels_last)
     return out

@@ -85,22 +85,6 @@ class LayerTiming:
     out: tuple[int, ...]
     ns: tuple[tuple[float, ...], ...]  # ns[i][j] at (cin[i], out[j])
 
-    def at(self, cin: int, out: int) -> float:
-        """The bilinear interpolation at one point (a plain float; see ``CostModel`` for tensors)."""
-        def locate(grid: tuple[int, ...], x: float) -> tuple[int, float]:
-            if len(grid) == 1:
-                return 0, 0.0
-            i = max(0, min(len(grid) - 2, sum(1 for g in grid if g <= x) - 1))
-            return i, (x - grid[i]) / (grid[i + 1] - grid[i])
-
-        i, ti = locate(self.cin, cin)
-        j, tj = locate(self.out, out)
-        i1, j1 = min(i + 1, len(self.cin) - 1), min(j + 1, len(self.out) - 1)
-        ns = self.ns
-        return (
-            ns[i][j] * (1 - ti) * (1 - tj) + ns[i][j1] * (1 - ti) * tj + ns[i1][j] * ti * (1 - tj) + ns[i1][j1] * ti * tj
-        )
-
 
 @dataclass(frozen=True)
 class LatencyTable:

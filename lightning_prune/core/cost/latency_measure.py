@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import tempfile
-import time
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -24,9 +23,10 @@ from lightning_prune._checks import check_int
 from lightning_prune.core.cost.measure import forward_with_hooks
 from lightning_prune.core.cost.latency import LATENCY, LatencyKey, LatencyTable, LayerTiming
 from lightning_prune.core.cost.model import CostModel
-from lightning_prune.core.export import export
+from lightning_prune.core.export import export, inference_channels_last
 from lightning_prune.core.folding import shrink_as_masked
 from lightning_prune.core.graph import random_masks
+from lightning_prune.core.timing import interleaved_times
 
 __all__ = ["default_cache_dir", "device_name", "measure_latency", "time_network"]
 
@@ -134,26 +134,12 @@ def _build(spec: Mapping[str, Any], cin: int, out: int, key: LatencyKey, device:
     return module, inputs
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
 def _fastest_ns(runs: Mapping[str, Any], repeats: int, device: torch.device) -> dict[str, float]:
     """Nanoseconds of the fastest of ``repeats`` calls of each callable in ``runs`` (no
     arguments), timed interleaved after one warm-up. The minimum, not the median: other
     processes only ever add time, so the fastest run is the closest to the machine's own."""
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for round_ in range(repeats + 1):
-        for k, run in runs.items():
-            _sync(device)
-            start = time.perf_counter_ns()
-            run()
-            _sync(device)
-            if round_:
-                times[k].append(time.perf_counter_ns() - start)
-    return {k: float(min(v)) for k, v in times.items()}
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    return {k: min(v) * 1e9 for k, v in interleaved_times(runs, repeats, warmup=1, sync=sync).items()}
 
 
 def _time_layer(spec: Mapping[str, Any], points: int, repeats: int, key: LatencyKey, device: torch.device, dtype: torch.dtype) -> LayerTiming:
@@ -248,13 +234,13 @@ def measure_latency(
     check_int("repeats", repeats, 1)
     if threads is not None:
         check_int("threads", threads, 1)
+    device = _device_of(network)
     param = next(network.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.get_default_dtype()
     old_threads = torch.get_num_threads()
     threads = old_threads if threads is None else threads
-    has_conv2d = any(isinstance(m, nn.Conv2d) for m in network.modules())
-    key = LatencyKey(device_name(device), device.type, str(torch.__version__), str(dtype).removeprefix("torch."), threads, batch_size, has_conv2d)
+    key = LatencyKey(device_name(device), device.type, str(torch.__version__), str(dtype).removeprefix("torch."), threads,
+                     batch_size, inference_channels_last(network))
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = path / key.file_name()
     data = _read_cache(path, key) if cache else {"key": asdict(key), "layers": {}, "networks": {}}
@@ -340,7 +326,7 @@ def time_network(networks: Mapping[str, nn.Module], table: LatencyTable, example
     example = example_input if isinstance(example_input, tuple) else (example_input,)
     for network in networks.values():
         table.check_network(network)
-    device = next(iter(networks.values())).parameters().__next__().device
+    device = _device_of(next(iter(networks.values())))
     batch = _batch_of(tuple(t.to(device) for t in example), table.key)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(table.key.threads)

@@ -291,10 +291,12 @@ class CostModel:
         return (sc["spatial"] * kept * (1 - whole)).sum()
 
     def _evaluate(self, flat: Tensor, cost: str) -> Tensor:
+        if cost == LATENCY and not flat.is_floating_point():
+            flat = flat.double()
         total = self._constant[cost] + self._values(flat, cost).sum()
         if cost == LATENCY:
-            t = self._tensors(flat.device, torch.float64 if not flat.is_floating_point() else flat.dtype)
-            total = total + t["latency"]["per_scatter"] * self._scattered(flat.to(t["scatter"]["spatial"].dtype), t)
+            t = self._tensors(flat.device, flat.dtype)
+            total = total + t["latency"]["per_scatter"] * self._scattered(flat, t)
         return total
 
     def _flat_masks(self, masks: Mapping[str, Tensor | int]) -> Tensor:
@@ -342,9 +344,7 @@ class CostModel:
             raise ValueError(
                 "cost 'latency' needs a latency model: CostModel(graph, latency=measure_latency(model, graph, batch_size=...))"
             )
-        if cost not in COSTS and cost != LATENCY:
-            raise ValueError(f"cost must be one of {', '.join(repr(c) for c in BUDGET_COSTS)}, got {cost!r}")
-        return cost
+        return check_budget_cost(cost)
 
     # -- public ------------------------------------------------------------------------
     def full(self, cost: str) -> int:
