@@ -42,6 +42,7 @@ from lightning_prune.core.gating import GateSet
 from lightning_prune.core.method import Method
 from lightning_prune.core.session import PruningSession, session_of
 from lightning_prune.core.surgery import enable_pruned_loading, pruned_loading_enabled
+from lightning_prune.core.trace import build_graph
 
 def find_network(pl_module: nn.Module, module: str | None) -> nn.Module:
     """The network to prune inside ``pl_module``: ``module`` (a dotted attribute path) when
@@ -250,8 +251,6 @@ class GatedPruning(Callback):
             return
         table = None
         if trainer.global_rank == 0:
-            from lightning_prune.core.trace import build_graph
-
             graph = build_graph(session.network, example, ignore=session.ignore, residual=session.residual)
             table = measure_latency(session.network, graph, **session.latency)
         session.latency = trainer.strategy.broadcast(table, src=0)

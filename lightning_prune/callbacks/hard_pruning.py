@@ -137,10 +137,10 @@ class HardPruning(Callback):
         line = f"{session.cost} {cost:,} <= budget {budget.target:,.0f} ({100 * cost / budget.full:.1f}% of {budget.full:,.0f})"
         if session.cost == LATENCY:
             self.latency = self._measure_latency(session, cost)
-            line = (
-                f"latency predicted {self.latency['predicted_ms']:.2f} ms, measured {self.latency['measured_ms']:.2f} ms "
-                f"<= budget {self.latency['budget_ms']:.2f} ms ({100 * cost / budget.full:.1f}% of the dense "
-                f"{budget.full / 1e6:.2f} ms; batch {session.latency.key.batch_size}, {session.latency.key.threads} thread(s))"
+            line = (  # the budget holds for the prediction; the measurement is reported beside it
+                f"latency predicted {self.latency['predicted_ms']:.2f} ms <= budget {self.latency['budget_ms']:.2f} ms "
+                f"({100 * cost / budget.full:.1f}% of the dense {budget.full / 1e6:.2f} ms; batch "
+                f"{session.latency.key.batch_size}, {session.latency.key.threads} thread(s)), measured {self.latency['measured_ms']:.2f} ms"
             )
         self.summary = {
             "table": layer_table(before.cost, after.cost, before.widths, after.widths),
