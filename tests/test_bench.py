@@ -15,7 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from lightning_prune.bench import METHODS, BudgetExceeded, dense, prune, report, result_path
-from lightning_prune.bench.report import BEGIN, END
+from lightning_prune.bench.report import BEGIN, END, residual_table
 from lightning_prune.bench import methods as bench_methods
 from lightning_prune.configs import config_dir
 
@@ -132,3 +132,19 @@ def test_a_dense_network_trained_elsewhere_is_imported(folder: Path, tmp_path: P
     assert all(torch.equal(v, torch.load(source, weights_only=True)[k]) for k, v in imported.items())
     with pytest.raises(FileNotFoundError, match="dense_from: no file"):
         dense(bench_cfg(tmp_path / "other", "stage=dense", "task=lenet5_mnist", f"dense_from={tmp_path}/missing.pt"))
+
+
+def test_the_mixed_against_tied_table_pairs_runs_and_names_removed_blocks() -> None:
+    def row(method: str, factor: float, acc: float, macs: int, widths: dict[str, int]) -> dict:
+        return {"task": "resnet20_cifar10", "method": method, "cost": "volume", "factor": factor, "test_accuracy": acc,
+                "volume": 100, "macs": macs, "widths": widths}
+
+    full = {"conv1": 4, "layer1.0.conv1": 2, "layer1.0.conv2": 4, "layer2.0.conv1": 3, "layer2.0.conv2": 4, "fc": 10}
+    mixed = {k: v for k, v in full.items() if not k.startswith("layer1.")}
+    rows = [row("bar", 8, 78.0, 300, mixed), row("bar+tied", 8, 60.0, 200, full),
+            row("bar", 4, 80.0, 500, full),  # no tied partner: no row
+            row("random", 8, 50.0, 100, full)]
+    text = residual_table(rows)
+    table = [line for line in text.splitlines() if line.startswith("| resnet20_cifar10")]
+    assert table == ["| resnet20_cifar10 | volume 1/8 | 1 / 1 | 78.00 | 60.00 | 100, 300 | 100, 200 | 1.50 | 2 layers (layer1.0) | -53%, -45% |"]
+    assert residual_table(rows[2:]) == ""

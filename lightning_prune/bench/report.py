@@ -26,6 +26,11 @@ PUBLISHED: dict[str, list[tuple[str, float, float]]] = {
         ("BC-GNJ (Louizos et al. 2017)", 99.0, 288e3), ("BC-GHS (Louizos et al. 2017)", 99.0, 159e3),
     ],
 }
+# Lemaire, Achkar and Jodoin, "Structured Pruning of Neural Networks with Budget-Aware
+# Regularization", CVPR 2019 (arXiv:1811.09332), supplementary Sec. 5.1 (CIFAR-10): BAR's final
+# activation volume and FLOPs with the mixed-connectivity block relative to the regular block,
+# in %, per volume factor.
+PAPER_MIXED_VS_REGULAR = {2.0: (-12, -13), 4.0: (-43, -37), 8.0: (-53, -45), 16.0: (-58, -48)}
 # Torch-Pruning's own benchmark rows for ResNet-56 / CIFAR-10 (base 93.53%), at 2.12x fewer MACs.
 TORCH_PRUNING_RESNET56 = [("Group-L1", 93.53, 92.93, 2.12), ("Group-BN", 93.53, 93.29, 2.12)]
 
@@ -102,6 +107,45 @@ def tables(rows: Iterable[Mapping[str, Any]]) -> str:
         out.append(f"\nRun {dates[0]}{'' if dates[0] == dates[-1] else ' to ' + dates[-1]} on {'; '.join(machines)}; "
                    "one seed is one seed (no ± without several).")
         out.append("\nCommands: " + "; ".join(f"`{c}`" for c in commands) + "\n")
+    return "\n".join(out)
+
+
+def residual_table(rows: Iterable[Mapping[str, Any]]) -> str:
+    """Markdown: BAR with mixed-connectivity residual blocks (``bar``) against tied blocks
+    (``bar+tied``, the same run with ``method.residual=tied``) per task and budget where both
+    ran: accuracy, volume and MACs (means over the seeds), and the layers the mixed run removed
+    (those the tied network still has and the mixed one has not); empty when no pair exists."""
+    groups: dict[tuple[str, str, float], dict[str, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["method"] in ("bar", "bar+tied"):
+            groups[(r["task"], r["cost"], float(r["factor"]))][r["method"]].append(r)
+    out = []
+    for (task, cost, factor), pair in sorted(groups.items()):
+        if len(pair) < 2:
+            continue
+        if not out:
+            out.append("#### BAR with mixed-connectivity against tied residual blocks\n")
+            out.append("| task | budget | seeds | mixed: test accuracy (%) | tied: test accuracy (%) | mixed: volume, MACs | "
+                       "tied: volume, MACs | MACs mixed / tied | removed by the mixed run | paper: volume, FLOPs mixed vs regular |")
+            out.append("|---|---|---|---|---|---|---|---|---|---|")
+        mixed, tied = pair["bar"], pair["bar+tied"]
+        kept = set().union(*(r["widths"] for r in tied))
+        removed = sorted({name for r in mixed for name in kept - set(r["widths"])})
+        blocks = sorted({name.rsplit(".", 1)[0] for name in removed})
+        removed_text = f"{len(removed)} layers ({', '.join(blocks)})" if removed else "none"
+        paper = PAPER_MIXED_VS_REGULAR.get(factor) if cost == "volume" else None
+        paper_text = f"{paper[0]}%, {paper[1]}%" if paper else "-"
+
+        def costs(runs: list[Mapping[str, Any]]) -> str:
+            return f"{statistics.mean(r['volume'] for r in runs):,.0f}, {statistics.mean(r['macs'] for r in runs):,.0f}"
+
+        ratio = statistics.mean(r["macs"] for r in mixed) / statistics.mean(r["macs"] for r in tied)
+        out.append(f"| {task} | {cost} 1/{factor:g} | {len(mixed)} / {len(tied)} | {_mean_std([r['test_accuracy'] for r in mixed])} | "
+                   f"{_mean_std([r['test_accuracy'] for r in tied])} | {costs(mixed)} | {costs(tied)} | {ratio:.2f} | {removed_text} | {paper_text} |")
+    if out:
+        out.append("\nBoth rows meet the same budget, counted on the exported network. The paper's column: "
+                   "Lemaire et al., CVPR 2019 (arXiv:1811.09332), supplementary Sec. 5.1, CIFAR-10, BAR's final volume and "
+                   "FLOPs with mixed blocks relative to regular ones (their regular-block runs ended above the budget).\n")
     return "\n".join(out)
 
 
@@ -199,7 +243,7 @@ def report(bench_dir: Path, results: str = "results", readme: Path | None = None
     rows = load_results(bench_dir / results)
     if not rows:
         raise FileNotFoundError(f"no result files in {bench_dir / results}: run the benchmark first")
-    text = tables(rows)
+    text = tables(rows) + "\n" + residual_table(rows)
     text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plot(rows, bench_dir)) + "\n"
     text += ("\nPublished reference (Torch-Pruning's benchmark, ResNet-56 / CIFAR-10, MACs 2.12x fewer): "
              + "; ".join(f"{name} {base}% -> {pruned}%" for name, base, pruned, _ in TORCH_PRUNING_RESNET56) + ".\n")
