@@ -18,7 +18,11 @@ every variant of a model/batch is timed once, interleaved, so that load from oth
 processes affects all variants alike; median per variant, and the relative spread
 (p75 - p25) / median to judge noise. The 1-minute load average is printed before and after.
 
-Usage: ``python benchmarks/shrink_speedup.py [--threads 1] [--repeats 7] [--inference] [--out file.json]``;
+``--compile MODE`` (with ``--inference``) also times every inference form compiled with
+``torch.compile(mode=MODE)`` (TorchInductor), as extra variants ``<name> compiled``, each
+compiled network's outputs checked against its eager form first.
+
+Usage: ``python benchmarks/shrink_speedup.py [--threads 1] [--repeats 7] [--inference [--compile max-autotune]] [--out file.json]``;
 prints a Markdown section to paste into ``benchmarks/RESULTS.md`` (and writes the rows as JSON).
 """
 
@@ -74,7 +78,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the rows and the run's context to this JSON file")
     parser.add_argument("--inference", action="store_true",
                         help="time every network (dense too) in its inference form: export(..., inference=True), channels_last")
+    parser.add_argument("--compile", default=None, metavar="MODE",
+                        help="with --inference: also time each network compiled by torch.compile(mode=MODE)")
     args = parser.parse_args(argv)
+    if args.compile is not None and not args.inference:
+        parser.error("--compile needs --inference")
     if min(args.threads, args.repeats, args.repeats_batch1) < 1 or args.warmup < 0:
         parser.error("--threads, --repeats and --repeats-batch1 must be >= 1, --warmup >= 0")
     torch.set_num_threads(args.threads)
@@ -104,6 +112,13 @@ def main(argv: list[str] | None = None) -> None:
                 variants[f"{int(fraction * 100)}% mixed"] = (mixed.eval(), count_cost(mixed, example))
         if args.inference:
             variants = {name: (export(model, inference=True, example_input=example).eval(), cost) for name, (model, cost) in variants.items()}
+        if args.compile is not None:
+            x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+            for name, (model, cost) in list(variants.items()):
+                compiled = torch.compile(copy.deepcopy(model), mode=args.compile)
+                with torch.no_grad():
+                    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+                variants[f"{name} compiled"] = (compiled, cost)
         for batch in BATCHES:
             x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed))
             if args.inference:
@@ -118,8 +133,9 @@ def main(argv: list[str] | None = None) -> None:
                         times[name].append(_time_once(model, x))
             med = {name: statistics.median(t) for name, t in times.items()}
             spread = {name: (_quantile(t, 0.75) - _quantile(t, 0.25)) / med[name] for name, t in times.items()}
-            for name in list(variants)[1:]:
+            for name in (n for n in variants if n not in ("dense", "dense compiled")):
                 cost = variants[name][1]
+                reference = "dense compiled" if name.endswith(" compiled") else "dense"  # compiled against compiled
                 rows.append(
                     (
                         model_name,
@@ -128,10 +144,10 @@ def main(argv: list[str] | None = None) -> None:
                         dense_cost.macs,
                         cost.macs,
                         dense_cost.macs / cost.macs,
-                        med["dense"] * 1e3,
+                        med[reference] * 1e3,
                         med[name] * 1e3,
-                        med["dense"] / med[name],
-                        max(spread["dense"], spread[name]),
+                        med[reference] / med[name],
+                        max(spread[reference], spread[name]),
                     )
                 )
             print(f"done: {model_name} batch {batch}", file=sys.stderr, flush=True)
@@ -153,7 +169,9 @@ def main(argv: list[str] | None = None) -> None:
         "`mixed`: mixed-connectivity residual blocks pruned to the MACs of the tied row above "
         "(random scores, `fit_budget`)"
         + ("; every network, dense too, timed in its inference form (`export(..., inference=True)`: batch norms folded, "
-           "channels_last weights and input)" if args.inference else "") + "\n"
+           "channels_last weights and input)" if args.inference else "")
+        + (f"; `compiled`: that form through `torch.compile(mode={args.compile!r})`, its ratio against the compiled dense network"
+           if args.compile else "") + "\n"
     )
     print("| model | batch | channels removed | MACs dense | MACs shrunk | MAC ratio | ms dense | ms shrunk | latency ratio | latency / MAC ratio | spread |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -167,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         record = {
             "command": command.strip(), "date": f"{started:%Y-%m-%d %H:%M %Z}", "machine": _cpu_name(), "torch": torch.__version__,
             "threads": args.threads, "repeats": {"batch_1": args.repeats_batch1, "batch_256": args.repeats, "warmup": args.warmup},
-            "inference": args.inference, "load_average_1min": {"before": load_before, "after": load_after},
+            "inference": args.inference, "compile": args.compile, "load_average_1min": {"before": load_before, "after": load_after},
             "rows": [dict(zip(keys, r)) for r in rows],
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
