@@ -288,6 +288,51 @@ def test_a_latency_budget_through_the_callbacks(tmp_path, method: str) -> None:
     assert not exported._forward_hooks  # BAR's distillation hook ends with the soft phase
 
 
+def _fit_with_measured_ratios(tmp_path, monkeypatch, ratios: list[float], **hard_args) -> tuple[HardPruning, RandomPruning, list]:
+    """Random pruning at a latency budget of 1/2 whose measurements (pruned / dense) are
+    ``ratios``, one per timing: HardPruning narrows the masks while they are over 0.5."""
+    import lightning_prune.callbacks.hard_pruning as hard_module
+
+    timed_sizes = []
+
+    def scripted(networks, table, example, repeats=7):
+        assert set(networks) == {"dense", "pruned"}  # timed together, in their inference form
+        timed_sizes.append(sum(p.numel() for p in networks["pruned"].parameters()))
+        return {"dense": 1e6, "pruned": 1e6 * ratios[min(len(timed_sizes), len(ratios)) - 1]}
+
+    monkeypatch.setattr(hard_module, "time_network", scripted)
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(16, *INPUT), torch.randint(0, 10, (16,)))
+    table = macs_table(build_graph(small_net(), torch.zeros(1, *INPUT)))
+    pruning = RandomPruning(factor=2, cost="latency", latency=table, verbose=False)
+    hard = HardPruning(at_epoch=1, plot=False, **{"verbose": True, **hard_args})
+    trainer = L.Trainer(max_epochs=2, callbacks=[pruning, hard], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(Classifier(), torch.utils.data.DataLoader(data, batch_size=8))
+    return hard, pruning, timed_sizes
+
+
+def test_hard_pruning_narrows_the_masks_until_the_measured_latency_meets_the_budget(tmp_path, monkeypatch) -> None:
+    hard, pruning, sizes = _fit_with_measured_ratios(tmp_path, monkeypatch, [0.9, 0.45])
+    rounds = hard.latency["rounds"]
+    assert [r["ratio"] for r in rounds] == [0.9, 0.45] and len(sizes) == 2 and sizes[1] < sizes[0]
+    assert rounds[0]["fraction"] == 0.5 and rounds[1]["fraction"] == pytest.approx(0.5 * 0.5 / 0.9)
+    full = pruning.session.budget.full
+    assert hard.latency["predicted_ms"] * 1e6 <= 0.5 * 0.5 / 0.9 * full  # chosen under the narrowed target
+    assert pruning.session.budget.fraction == 0.5 and hard.latency["budget_ms"] == pytest.approx(full / 2e6)  # the budget is back
+    assert hard.latency["measured_ratio"] == 0.45 and "chosen again 1 time(s)" in hard.summary["line"]
+
+
+def test_a_measurement_still_over_the_budget_after_every_round_is_a_warning(tmp_path, monkeypatch) -> None:
+    with pytest.warns(UserWarning, match=r"measured 0.600 of the dense network's latency, over the budget's 0.500, after 2 narrowed"):
+        hard, _, sizes = _fit_with_measured_ratios(tmp_path, monkeypatch, [0.6], latency_rounds=2)
+    assert len(hard.latency["rounds"]) == 3 and len(sizes) == 3
+    hard, _, sizes = _fit_with_measured_ratios(tmp_path, monkeypatch, [0.6], latency_rounds=0, verbose=False)
+    assert len(hard.latency["rounds"]) == 1 and hard.latency["measured_ratio"] == 0.6  # measured and reported only
+    with pytest.raises(ValueError, match="latency_rounds"):
+        HardPruning(at_epoch=1, latency_rounds=-1)
+
+
 @pytest.mark.slow
 def test_ddp_ranks_share_the_latency_model_rank_0_measured(tmp_path) -> None:
     """Two gloo processes, the latency model measured at trace time: one cache file (rank 0's

@@ -3,6 +3,7 @@ shrinks the network, so the remaining epochs train the small network."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from lightning_prune.core.cost.latency import LATENCY
 from lightning_prune.core.cost.latency_measure import time_network
 from lightning_prune.core.export import export
 from lightning_prune.core.session import PruningSession
+from lightning_prune.core.surgery import shrink as shrink_network
 
 
 class HardPruning(Callback):
@@ -50,6 +52,13 @@ class HardPruning(Callback):
             of cost saved) until the exact cost meets the budget; a ``ValueError`` if it
             cannot (:func:`lightning_prune.core.allocation.round_widths`). With ``widths``,
             each must be such a multiple (checked before training).
+        latency_rounds: with a latency budget, the dense network and the chosen pruned one are
+            timed together, interleaved, in their inference form (by rank 0 under DDP, whose
+            masks every rank then takes). While the measured ratio pruned / dense is above the
+            budget's fraction, the masks are chosen again under a target narrowed by the
+            measured overshoot, at most ``latency_rounds`` times (0: time once and report). The
+            latency model predicts; this makes the measurement meet the budget as well (the
+            empirical check of NetAdapt, Yang et al., ECCV 2018, arXiv:1804.03230). Not with ``widths``.
         plot: save ``alive_channels.png`` (channels per group before and after) in the log folder.
     """
 
@@ -61,6 +70,7 @@ class HardPruning(Callback):
         freeze: bool = True,
         widths: Mapping[str, int] | Sequence[int] | None = None,
         round_to: int | None = None,
+        latency_rounds: int = 3,
         plot: bool = True,
         verbose: bool = True,
     ) -> None:
@@ -72,6 +82,7 @@ class HardPruning(Callback):
         if widths is not None and (isinstance(widths, str) or not isinstance(widths, (Mapping, Sequence))):
             raise TypeError("widths must be a mapping {group name: channels to keep}, a list (one per group) or None")
         self.round_to = None if round_to is None else check_int("round_to", round_to, 1)
+        self.latency_rounds = check_int("latency_rounds", latency_rounds, 0)
         self.shrink = shrink
         self.freeze = freeze
         self.widths = dict(widths) if isinstance(widths, Mapping) else list(widths) if widths is not None else None
@@ -79,7 +90,7 @@ class HardPruning(Callback):
         self.verbose = verbose
         self.pruned_at: int | None = None
         self.summary: dict[str, Any] = {}
-        self.latency: dict[str, float] | None = None  # with a latency budget: predicted, measured and budget ms
+        self.latency: dict[str, Any] | None = None  # with a latency budget: predicted, measured and budget ms
 
     @property
     def state_key(self) -> str:
@@ -114,6 +125,8 @@ class HardPruning(Callback):
 
     def prune(self, trainer: L.Trainer, session: PruningSession) -> None:
         masks = session.keep_masks(self.widths, round_to=self.round_to)
+        if session.cost == LATENCY:
+            masks, self.latency = self._meet_measured_latency(trainer, session, masks)
         dropped = getattr(session.method, "dropped", None)
         if dropped and self.widths is None and self.verbose:
             rank_zero_warn(
@@ -136,11 +149,15 @@ class HardPruning(Callback):
         widths_after = {n: 0 if n in removed else int(effective[n].sum()) for n in masks}
         line = f"{session.cost} {cost:,} <= budget {budget.target:,.0f} ({100 * cost / budget.full:.1f}% of {budget.full:,.0f})"
         if session.cost == LATENCY:
-            self.latency = self._measure_latency(session, cost)
+            report = self.latency
+            report.update(predicted_ms=cost / 1e6, budget_ms=budget.target / 1e6)
+            narrowed = len(report["rounds"]) - 1
             line = (  # the budget holds for the prediction; the measurement is reported beside it
-                f"latency predicted {self.latency['predicted_ms']:.2f} ms <= budget {self.latency['budget_ms']:.2f} ms "
+                f"latency predicted {report['predicted_ms']:.2f} ms <= budget {report['budget_ms']:.2f} ms "
                 f"({100 * cost / budget.full:.1f}% of the dense {budget.full / 1e6:.2f} ms; batch "
-                f"{session.latency.key.batch_size}, {session.latency.key.threads} thread(s)), measured {self.latency['measured_ms']:.2f} ms"
+                f"{session.latency.key.batch_size}, {session.latency.key.threads} thread(s)), measured {report['measured_ms']:.2f} ms, "
+                f"{report['measured_ratio']:.3f} of the dense network's {report['dense_measured_ms']:.2f} ms timed with it "
+                f"(budget {budget.fraction:.3f})" + (f"; masks chosen again {narrowed} time(s) to meet the measurement" if narrowed else "")
             )
         self.summary = {
             "table": layer_table(before.cost, after.cost, before.widths, after.widths),
@@ -156,13 +173,43 @@ class HardPruning(Callback):
                 + ", ".join(f"{n} {widths_before[n]}->{'removed' if n in removed else widths_after[n]}" for n in widths_before)
             )
 
-    @staticmethod
-    def _measure_latency(session: PruningSession, predicted: int) -> dict[str, float]:
-        """The hard-pruned network's latency in its inference form, measured now, next to the
-        latency model's prediction (milliseconds per batch)."""
-        inference = export(session.network, inference=True, example_input=session.graph.example_input())
-        measured = time_network({"pruned": inference}, session.latency, session.graph.example_input())["pruned"]
-        return {"predicted_ms": predicted / 1e6, "measured_ms": measured / 1e6, "budget_ms": session.budget.target / 1e6}
+    def _meet_measured_latency(
+        self, trainer: L.Trainer, session: PruningSession, masks: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Time the dense network and the network ``masks`` leave, in their inference form,
+        interleaved; choose the masks again under a narrowed target while the measured ratio
+        is over the budget (``latency_rounds`` times at most). Rank 0 measures and chooses;
+        every rank takes its masks. Returns the masks and the rounds' measurements."""
+        budget = session.budget
+        rounds: list[dict[str, float]] = []
+        if trainer.is_global_zero:
+            example = session.graph.example_input()
+            with session.gates.suspended():
+                bare = copy.deepcopy(session.network).eval()
+            dense = export(bare, inference=True, example_input=example, allow_over_budget=True)
+            fraction = budget.fraction
+            for attempt in range(self.latency_rounds + 1):
+                pruned = copy.deepcopy(bare)
+                shrink_network(pruned, masks, graph=session.graph)
+                timed = time_network({"dense": dense, "pruned": export(pruned, inference=True, example_input=example, allow_over_budget=True)},
+                                     session.latency, example)
+                ratio = timed["pruned"] / timed["dense"]
+                rounds.append({"fraction": fraction, "dense_ms": timed["dense"] / 1e6, "pruned_ms": timed["pruned"] / 1e6, "ratio": ratio})
+                if ratio <= budget.fraction or self.widths is not None or attempt == self.latency_rounds:
+                    break
+                fraction = max(fraction * budget.fraction / ratio, budget.floor / budget.full)
+                with budget.narrowed(fraction):
+                    masks = session.keep_masks(round_to=self.round_to)
+            if rounds[-1]["ratio"] > budget.fraction and self.verbose:
+                rank_zero_warn(
+                    f"HardPruning: the pruned network measured {rounds[-1]['ratio']:.3f} of the dense network's latency, over the "
+                    f"budget's {budget.fraction:.3f}" + ("" if self.widths is not None else f", after {len(rounds) - 1} narrowed choice(s)")
+                    + " (timing noise, or a latency model measured under other load: measure it again)"
+                )
+        masks, rounds = trainer.strategy.broadcast((masks, rounds), src=0)
+        last = rounds[-1]
+        return masks, {"measured_ms": last["pruned_ms"], "dense_measured_ms": last["dense_ms"], "measured_ratio": last["ratio"],
+                       "rounds": rounds}
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.pruned_at is None and not trainer.fast_dev_run:

@@ -12,8 +12,9 @@ volume, MACs or parameters); these functions only need them to be consistent.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from numbers import Real
 
@@ -247,6 +248,22 @@ class Budget:
     @property
     def target(self) -> float:
         return self.fraction * self.full
+
+    @contextlib.contextmanager
+    def narrowed(self, fraction: float) -> Iterator[None]:
+        """Temporarily a smaller target, ``fraction`` of the full cost (at most the budget's own
+        fraction, at least the floor's), e.g. to choose masks again after a measurement showed
+        the budget's prediction to be optimistic; the budget's own fraction is back on exit."""
+        fraction = finite_real("fraction", fraction)
+        if not self.floor / self.full <= fraction <= self.fraction:
+            raise ValueError(f"fraction: a narrowed budget lies between the floor's {self.floor / self.full:.4g} "
+                             f"and the budget's {self.fraction:.4g} of the full cost, got {fraction:.4g}")
+        own = self.fraction
+        self.fraction = fraction
+        try:
+            yield
+        finally:
+            self.fraction = own
 
     def anneal(self, schedule: Callable[[float], float], start_factor: float = 1.01) -> None:
         """Move the budget from ``start_factor * full`` to the target along ``schedule``."""
