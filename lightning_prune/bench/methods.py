@@ -95,7 +95,7 @@ def bar(run: Run) -> nn.Module:
     callbacks = [
         BudgetAwareRegularization(**_common(run), lambda_=m.lambda_, margin=m.margin, margin_of=m.margin_of, cap=m.cap, fill=m.fill, gate_lr=m.gate_lr,
                                   gate_optimizer=m.gate_optimizer, init_log_alpha=m.init_log_alpha, penalty=m.penalty,
-                                  distillation=m.distillation, residual=m.residual),
+                                  distillation=m.distillation, distill_fine_tuning=m.distill_fine_tuning, residual=m.residual),
         SigmoidalBudgetAnnealing(soft, hardness=m.hardness),
         HardPruning(soft, plot=False, verbose=False),
     ]
