@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from lightning_prune.core.budget import (
     BarrierValue,
+    Budget,
     barrier,
     budget_at,
     distillation_loss,
@@ -184,6 +185,20 @@ def test_finite_real():
         finite_real("x", float("-inf"))
     with pytest.raises(TypeError, match="x must be a real number"):
         finite_real("x", torch.tensor(1.0))
+
+
+def test_a_narrowed_budget_is_a_smaller_target_until_the_block_ends():
+    budget = Budget.of(0.5, "macs", 1000, 100)
+    with budget.narrowed(0.3):
+        assert budget.target == 300.0
+    assert budget.fraction == 0.5 and budget.target == 500.0
+    with pytest.raises(RuntimeError), budget.narrowed(0.2):
+        raise RuntimeError("the caller failed")
+    assert budget.fraction == 0.5  # back even when the block raised
+    for outside in (0.6, 0.05):  # above the budget, below the floor's 0.1
+        with pytest.raises(ValueError, match="fraction: a narrowed budget lies between the floor's 0.1 and the budget's 0.5"):
+            with budget.narrowed(outside):
+                pass
 
 
 # ----------------------------------------------------------------------------- distillation

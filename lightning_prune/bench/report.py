@@ -110,6 +110,10 @@ def tables(rows: Iterable[Mapping[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _volume_and_macs(runs: list[Mapping[str, Any]]) -> str:
+    return f"{statistics.mean(r['volume'] for r in runs):,.0f}, {statistics.mean(r['macs'] for r in runs):,.0f}"
+
+
 def residual_table(rows: Iterable[Mapping[str, Any]]) -> str:
     """Markdown: BAR with mixed-connectivity residual blocks (``bar``) against tied blocks
     (``bar+tied``, the same run with ``method.residual=tied``) per task and budget where both
@@ -135,13 +139,9 @@ def residual_table(rows: Iterable[Mapping[str, Any]]) -> str:
         removed_text = f"{len(removed)} layers ({', '.join(blocks)})" if removed else "none"
         paper = PAPER_MIXED_VS_REGULAR.get(factor) if cost == "volume" else None
         paper_text = f"{paper[0]}%, {paper[1]}%" if paper else "-"
-
-        def costs(runs: list[Mapping[str, Any]]) -> str:
-            return f"{statistics.mean(r['volume'] for r in runs):,.0f}, {statistics.mean(r['macs'] for r in runs):,.0f}"
-
         ratio = statistics.mean(r["macs"] for r in mixed) / statistics.mean(r["macs"] for r in tied)
         out.append(f"| {task} | {cost} 1/{factor:g} | {len(mixed)} / {len(tied)} | {_mean_std([r['test_accuracy'] for r in mixed])} | "
-                   f"{_mean_std([r['test_accuracy'] for r in tied])} | {costs(mixed)} | {costs(tied)} | {ratio:.2f} | {removed_text} | {paper_text} |")
+                   f"{_mean_std([r['test_accuracy'] for r in tied])} | {_volume_and_macs(mixed)} | {_volume_and_macs(tied)} | {ratio:.2f} | {removed_text} | {paper_text} |")
     if out:
         out.append("\nBoth rows meet the same budget, counted on the exported network. The paper's column: "
                    "Lemaire et al., CVPR 2019 (arXiv:1811.09332), supplementary Sec. 5.1, CIFAR-10, BAR's final volume and "

@@ -195,9 +195,10 @@ class HardPruning(Callback):
                                      session.latency, example)
                 ratio = timed["pruned"] / timed["dense"]
                 rounds.append({"fraction": fraction, "dense_ms": timed["dense"] / 1e6, "pruned_ms": timed["pruned"] / 1e6, "ratio": ratio})
-                if ratio <= budget.fraction or self.widths is not None or attempt == self.latency_rounds:
-                    break
-                fraction = max(fraction * budget.fraction / ratio, budget.floor / budget.full)
+                narrower = max(fraction * budget.fraction / ratio, budget.floor / budget.full)
+                if ratio <= budget.fraction or self.widths is not None or attempt == self.latency_rounds or narrower == fraction:
+                    break  # met, not the method's choice, out of rounds, or already at the floor (the same masks again)
+                fraction = narrower
                 with budget.narrowed(fraction):
                     masks = session.keep_masks(round_to=self.round_to)
             if rounds[-1]["ratio"] > budget.fraction and self.verbose:
