@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import lightning_prune
 from lightning_prune.callbacks import BudgetAwareRegularization, HardPruning, SigmoidalBudgetAnnealing
 from lightning_prune.core.budget import Budget, distillation_loss
-from lightning_prune.callbacks.bar import _DistillGradient
+from lightning_prune.callbacks.distillation import _DistillGradient
 from lightning_prune.callbacks.gated import example_from_batch
 from lightning_prune.classifier import ImageClassifier
 from lightning_prune.data import MNISTDataModule
@@ -171,26 +171,6 @@ def test_resume_mid_soft_phase_and_after_shrinking_reaches_the_same_end_state(tm
     # checkpoints mid soft phase (epoch 0) and after hard pruning and shrinking (epoch 2)
     straight = assert_resumes_to_the_same_state(tmp_path, callbacks)
     assert straight.backbone_and_head.conv1.out_channels < 8 or straight.backbone_and_head.conv2.out_channels < 12
-
-
-def test_distillation_through_fine_tuning_resumes_after_shrinking_to_the_same_end_state(tmp_path):
-    """With ``distill_fine_tuning`` the shrunk network keeps learning from the full teacher: the
-    end state differs from distilling in the soft phase only, and resuming from a checkpoint
-    taken after hard pruning (the network shrunk, the teacher full) ends in the same tensors."""
-    def callbacks(through: bool):
-        return lambda: [BudgetAwareRegularization(factor=3, cost="volume", example_input=TINY, verbose=False, distillation=True,
-                                                  distill_fine_tuning=through),
-                        SigmoidalBudgetAnnealing(until_epoch=2), HardPruning(at_epoch=2, plot=False, verbose=False)]
-
-    soft_only = tensor_state(fit_with_checkpoints(tmp_path / "soft", callbacks(False)()))
-    straight = assert_resumes_to_the_same_state(tmp_path, callbacks(True), checkpoints=("epoch=0.ckpt", "epoch=2.ckpt"))
-    final = tensor_state(straight)
-    assert final.keys() == soft_only.keys()
-    assert any(not torch.allclose(final[k].float(), soft_only[k].float()) for k in final)  # epochs 2-3 were distilled
-    assert not straight.backbone_and_head._forward_hooks  # the teacher's hook ends with fit
-    assert not lightning_prune.export(straight)._forward_hooks
-    with pytest.raises(ValueError, match="distill_fine_tuning: distilling after hard pruning needs distillation=True"):
-        BudgetAwareRegularization(factor=2, distill_fine_tuning=True)
 
 
 def test_foreign_lightning_module_is_pruned_without_edits():

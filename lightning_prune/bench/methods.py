@@ -115,7 +115,8 @@ def dirichlet(run: Run) -> nn.Module:
     m = run.cfg.method
     switch = max(1, min(run.epochs - 1, int(m.switch_epochs)))
     callbacks = [
-        DirichletImportance(**_common(run), alpha0=m.alpha0, gate_lr=m.gate_lr, allocation=m.allocation, epochs=switch),
+        DirichletImportance(**_common(run), alpha0=m.alpha0, gate_lr=m.gate_lr, allocation=m.allocation, epochs=switch,
+                            distill_fine_tuning=m.distill_fine_tuning),
         HardPruning(switch, plot=False, verbose=False),
     ]
     run.info["prune_epoch"] = switch
@@ -125,7 +126,8 @@ def dirichlet(run: Run) -> nn.Module:
 
 
 def random(run: Run) -> nn.Module:
-    callbacks = [RandomPruning(**_common(run), seed=int(run.cfg.seed)), HardPruning(0, plot=False, verbose=False)]
+    callbacks = [RandomPruning(**_common(run), seed=int(run.cfg.seed), distill_fine_tuning=run.cfg.method.distill_fine_tuning),
+                 HardPruning(0, plot=False, verbose=False)]
     net = fit(run.cfg, run.datamodule, copy.deepcopy(run.dense), run.cfg.task.prune, run.epochs, callbacks)
     _record_latency(run, callbacks)
     return net

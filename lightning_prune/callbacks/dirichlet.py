@@ -87,7 +87,8 @@ class DirichletImportance(GatedPruning):
     HardPruning) keeps the top channels by posterior mean instead.
 
     Args:
-        budget, factor, cost, gate_lr, module, example_input, ignore, verbose: see
+        budget, factor, cost, gate_lr, module, example_input, ignore, verbose, distillation,
+            distill_fine_tuning, temperature, alpha: see
             :class:`~lightning_prune.callbacks.gated.GatedPruning` (``cost`` defaults to
             ``"macs"`` here: Adamczewski and Park report FLOPs).
         alpha0: concentration of the symmetric Dirichlet prior (< 1 favours sparse importance).
@@ -133,14 +134,22 @@ class DirichletImportance(GatedPruning):
         example_input: Any = None,
         ignore: Sequence[str] = (),
         verbose: bool = True,
+        distillation: bool = False,
+        distill_fine_tuning: bool = False,
+        temperature: float = 4.0,
+        alpha: float = 0.9,
     ) -> None:
         self._method_args = {"alpha0": alpha0, "estimator": estimator, "init": init, "allocation": allocation,
                              "gate_lr": gate_lr, "kl_scale": kl_weight, "residual": residual}
         super().__init__(budget=budget, factor=factor, cost=cost, latency=latency, module=module, example_input=example_input,
-                         ignore=ignore, verbose=verbose)
+                         ignore=ignore, verbose=verbose, distillation=distillation, distill_fine_tuning=distill_fine_tuning,
+                         temperature=temperature, alpha=alpha)
         self.samples = check_int("samples", samples, minimum=1)
         if estimator == "mean" and self.samples != 1:
             raise ValueError(f"samples must be 1 with estimator='mean' (the posterior mean is deterministic), got {samples}")
+        if distillation and self.samples > 1:
+            raise ValueError(f"distillation: the switch phase averages {samples} forward passes (samples); distil in it with samples=1, "
+                             "or only through fine-tuning (distill_fine_tuning=True)")
         self.from_epoch = check_int("from_epoch", from_epoch, 0)
         self.epochs = None if epochs is None else check_int("epochs", epochs, minimum=1)
         for name, value in (("freeze_weights", freeze_weights), ("layerwise", layerwise)):

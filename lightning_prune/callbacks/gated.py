@@ -34,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from lightning_prune.callbacks.distillation import TeacherDistillation
 from lightning_prune.core.budget import resolve_budget
 from lightning_prune.core.cost.latency import LatencyTable, check_latency_option
 from lightning_prune.core.cost.latency_measure import measure_latency
@@ -156,6 +157,15 @@ class GatedPruning(Callback):
             first training batch).
         ignore: module names never to prune (output heads are never pruned anyway).
         verbose: print what is pruned.
+        distillation: learn from a frozen copy of the network taken at fit start while the
+            channels are chosen (the soft phase): the user's loss gradient is blended with
+            that of ``T^2 KL(teacher || student)`` (``alpha`` of the latter), assuming the
+            user's loss is a batch mean. For pruning a *trained* network.
+        distill_fine_tuning: learn from the same teacher after hard pruning, while the shrunk
+            network fine-tunes (one dense forward pass of the teacher per step). A run resumed
+            after hard pruning rebuilds the teacher in the full network the LightningModule is
+            constructed with, before the checkpoint shrinks it.
+        temperature, alpha: of the distillation.
     """
 
     def __init__(
@@ -169,6 +179,10 @@ class GatedPruning(Callback):
         example_input: Any = None,
         ignore: Sequence[str] = (),
         verbose: bool = True,
+        distillation: bool = False,
+        distill_fine_tuning: bool = False,
+        temperature: float = 4.0,
+        alpha: float = 0.9,
     ) -> None:
         self.budget = resolve_budget(budget=budget, factor=factor)
         check_budget_cost(cost)
@@ -182,6 +196,7 @@ class GatedPruning(Callback):
         self.example_input = example_input
         self.ignore = tuple(ignore)
         self.verbose = verbose
+        self.distiller = TeacherDistillation(soft_phase=distillation, fine_tuning=distill_fine_tuning, temperature=temperature, alpha=alpha)
         self.method = self.make_method()
         self.session: PruningSession | None = None
 
@@ -206,6 +221,17 @@ class GatedPruning(Callback):
         """True while the gates learn (the soft phase)."""
         return self.session is not None and self.session.active
 
+    @property
+    def distilling(self) -> bool:
+        """True while the network learns from the teacher (``distillation``: the soft phase;
+        ``distill_fine_tuning``: after hard pruning)."""
+        return self.distiller.active(self.session)
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The frozen copy of the network distilled from (``None`` without distillation)."""
+        return self.distiller.teacher
+
     # -- setup ----------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or self.session is not None:
@@ -227,6 +253,7 @@ class GatedPruning(Callback):
         pl_module._load_state_dict_pre_hooks.move_to_end(handle.id, last=False)
         if not pruned_loading_enabled(pl_module):
             enable_pruned_loading(pl_module)
+        self.distiller.keep_full_network(self.session)
         example = example_from(trainer, pl_module, self.example_input)
         if example is not None:
             self._trace(example, trainer)
@@ -279,6 +306,7 @@ class GatedPruning(Callback):
         self._fit_started(trainer)
 
     def _fit_started(self, trainer: L.Trainer) -> None:
+        self.distiller.start(trainer, self.session)
         gates = self.session.gates
         if gates is None:
             return
@@ -309,13 +337,23 @@ class GatedPruning(Callback):
         for name, mask in self.gates.alive().items():
             pl_module.log(f"{self.method.name}_alive/{name}", float(mask.sum()), on_step=False, on_epoch=True, batch_size=1)
 
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.distiller.stop()  # the trained network leaves fit without the hook
+
     # -- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return self.session.state_dict() if self.session is not None else {}
+        if self.session is None:
+            return {}
+        state = self.session.state_dict()
+        teacher = self.distiller.state_dict()
+        if teacher:
+            state["teacher"] = teacher
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.session is not None:
             self.session.load_state_dict(state_dict)
+        self.distiller.load_state_dict(state_dict.get("teacher"))
 
 
 def require_session(pl_module: L.LightningModule, who: str) -> PruningSession:

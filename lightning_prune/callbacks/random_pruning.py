@@ -24,7 +24,8 @@ class RandomPruning(GatedPruning):
     gets the same number of epochs).
 
     Args (keyword-only):
-        budget, factor, cost, latency, module, example_input, ignore, verbose: see
+        budget, factor, cost, latency, module, example_input, ignore, verbose, distillation,
+            distill_fine_tuning, temperature, alpha: see
             :class:`~lightning_prune.callbacks.gated.GatedPruning`.
         seed: seed of the random order (independent of the global RNG, so a resumed run
             drops the same channels).
@@ -46,11 +47,16 @@ class RandomPruning(GatedPruning):
         example_input: Any = None,
         ignore: Sequence[str] = (),
         verbose: bool = True,
+        distillation: bool = False,
+        distill_fine_tuning: bool = False,
+        temperature: float = 4.0,
+        alpha: float = 0.9,
     ) -> None:
         self._seed = seed
         self._residual = residual
         super().__init__(budget=budget, factor=factor, cost=cost, latency=latency, module=module, example_input=example_input,
-                         ignore=ignore, verbose=verbose)
+                         ignore=ignore, verbose=verbose, distillation=distillation, distill_fine_tuning=distill_fine_tuning,
+                         temperature=temperature, alpha=alpha)
 
     @property
     def seed(self) -> int:
