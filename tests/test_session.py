@@ -70,6 +70,41 @@ def test_penalty_matches_hand_computed_barrier_and_expected_cost():
 
 
 
+@pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
+def test_cost_power_spreads_the_cost_penalty_push_by_marginal_cost_to_the_power(power):
+    """The push on each gate is its marginal cost to ``cost_power``, and the pushes sum to the
+    expected cost's (p = 1: the expected cost's own gradient; p = 0: every gate alike)."""
+    session = traced(BarrierPenalty(cost_power=power), cost="macs")
+    probs = {n: torch.linspace(0.3, 0.9, p.numel()).requires_grad_(True) for n, p in session.gates.open_probabilities().items()}
+    marginal = session.cost_model.channel_weights("macs", probs)
+    surrogate = session.method._powered_cost(session, probs) if power != 1.0 else session.cost_model.expected(probs, "macs")
+    grads = torch.autograd.grad(surrogate, list(probs.values()))
+    push = torch.cat([g.double() for g in grads])
+    m = torch.cat([marginal[n] for n in probs])
+    assert float(push.sum()) == pytest.approx(float(m.sum()), rel=1e-6)
+    torch.testing.assert_close(push / push.sum(), m**power / (m**power).sum())
+    if power == 0.0:
+        assert torch.allclose(push, push[:1].expand_as(push))
+    # the regularizer uses it: lambda * f * surrogate / full
+    set_current_budget(session, session.budget.full * 0.99)
+    value = session.method.regularizer(session)
+    assert value is not None and bar_l_s_matches(session)
+
+
+def bar_l_s_matches(session: PruningSession) -> bool:
+    bar = session.method
+    probs = session.gates.open_probabilities()
+    l_s = (bar._powered_cost(session, probs) if bar.cost_power != 1.0 else session.cost_model.expected(probs, "macs")) / session.budget.full
+    return bar.last["L_S"] == pytest.approx(float(l_s), rel=1e-6)
+
+
+def test_cost_power_is_checked():
+    with pytest.raises(ValueError, match="cost_power must be in"):
+        BarrierPenalty(cost_power=1.5)
+    with pytest.raises(ValueError, match="cost_power: only penalty='cost'"):
+        BarrierPenalty(penalty="channels", cost_power=0.5)
+
+
 def test_budget_schedule_and_final_check_golden_values() -> None:
     budget = Budget.of(0.25, "macs", 1000.0, 10)
     assert budget.target == 250.0 and budget.current(0.0) == 250.0  # no schedule: the target from the start

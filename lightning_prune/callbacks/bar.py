@@ -35,7 +35,7 @@ class BudgetAwareRegularization(GatedPruning):
         penalty: ``"cost"`` (the paper: the expected cost over the full cost) or ``"channels"``
             (the expected number of open channels over all channels).
         gate_lr: learning rate of the gates' optimizer.
-        gate_optimizer, init_log_alpha: see :class:`~lightning_prune.methods.BarrierPenalty`.
+        gate_optimizer, init_log_alpha, cost_power: see :class:`~lightning_prune.methods.BarrierPenalty`.
         distillation, distill_fine_tuning, temperature, alpha: distillation from the network
             at fit start in the soft phase (the paper's ``L_D``, Sec. 3) and through the
             fine-tuning after hard pruning; see
@@ -62,6 +62,7 @@ class BudgetAwareRegularization(GatedPruning):
         cap: float = 1e3,
         fill: bool = True,
         penalty: str = "cost",
+        cost_power: float = 1.0,
         gate_lr: float = 0.02,
         gate_optimizer: str = "adam",
         init_log_alpha: float = 0.0,
@@ -75,7 +76,7 @@ class BudgetAwareRegularization(GatedPruning):
         ignore: Sequence[str] = (),
         verbose: bool = True,
     ) -> None:
-        self._method_args = {"lambda_": lambda_, "margin": margin, "margin_of": margin_of, "cap": cap, "fill": fill, "penalty": penalty, "gate_lr": gate_lr,
+        self._method_args = {"lambda_": lambda_, "margin": margin, "margin_of": margin_of, "cap": cap, "fill": fill, "penalty": penalty, "cost_power": cost_power, "gate_lr": gate_lr,
                              "gate_optimizer": gate_optimizer, "init_log_alpha": init_log_alpha, "residual": residual}
         super().__init__(budget=budget, factor=factor, cost=cost, latency=latency, module=module, example_input=example_input,
                          ignore=ignore, verbose=verbose, distillation=distillation, distill_fine_tuning=distill_fine_tuning,

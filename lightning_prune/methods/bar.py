@@ -26,7 +26,9 @@ class BarrierPenalty(Method):
     - ``L_S``: the expected cost under the gates' open probabilities over the full cost
       (``penalty="cost"``), or the expected number of open channels over all channels
       (``penalty="channels"``: every gate is pushed alike and the data loss decides which
-      channels close);
+      channels close); with ``cost_power=p`` below 1, the push on each gate is its marginal
+      cost to the power ``p`` instead, scaled so that the push summed over the gates stays that
+      of ``"cost"``: expensive channels are pushed less, cheap ones more (``p = 0``: alike);
     - ``V``: the current cost, counting the alive channels (``z_hat > 0``) exactly;
     - ``f``: the barrier with ``b`` the session's current budget (the target, or its annealed
       value) and ``a = (1 - margin) * B`` (``B`` the target; ``margin_of="target"``) or
@@ -48,6 +50,11 @@ class BarrierPenalty(Method):
             ``"current"``: ``a = (1 - margin) * b(t)``, so it pushes only while the network is
             above the annealed budget and the gates close along the schedule.
         penalty: ``"cost"`` or ``"channels"``.
+        cost_power: with ``penalty="cost"``, the power ``p`` in [0, 1] of every gate's marginal
+            cost in its push (above). Under Adam a gate closes when its push outweighs its data
+            gradient, i.e. when its importance per unit of cost is lowest: with ``p = 1`` (the
+            paper) the most expensive layers are thinned first, sometimes to a width the
+            network cannot afford (LeNet-5's conv2, ResNet-20's first stage under a MAC budget).
         gate_lr: learning rate of the gates' optimizer.
         init_log_alpha: the gates start at ``log_alpha ~ U(init_log_alpha, init_log_alpha + 0.01)``:
             0 (the default, Lemaire et al.) opens a gate with probability 0.83, so from a
@@ -74,7 +81,7 @@ class BarrierPenalty(Method):
 
     def __init__(self, lambda_: float = 0.01, margin: float = 0.05, penalty: str = "cost", gate_lr: float = 0.02, cap: float = 1e3,
                  residual: str = "mixed", gate_optimizer: str = "adam", init_log_alpha: float = 0.0,
-                 margin_of: str = "target", fill: bool = True) -> None:
+                 margin_of: str = "target", fill: bool = True, cost_power: float = 1.0) -> None:
         super().__init__()
         self.residual = self.check_residual(residual)
         self.lambda_ = finite_real("lambda_", lambda_)
@@ -89,6 +96,11 @@ class BarrierPenalty(Method):
         if penalty not in self.PENALTIES:
             raise ValueError(f"penalty must be 'cost' or 'channels', got {penalty!r}")
         self.penalty = penalty
+        self.cost_power = finite_real("cost_power", cost_power)
+        if not 0 <= self.cost_power <= 1:
+            raise ValueError(f"cost_power must be in [0, 1], got {cost_power}")
+        if penalty == "channels" and self.cost_power != 1:
+            raise ValueError("cost_power: only penalty='cost' weighs the gates by their cost")
         self.gate_lr = finite_real("gate_lr", gate_lr)
         if self.gate_lr <= 0:
             raise ValueError(f"gate_lr must be > 0, got {gate_lr}")
@@ -123,8 +135,10 @@ class BarrierPenalty(Method):
             self.capped_steps += 1
         if self.penalty == "channels":
             l_s = sum(p.sum() for p in probs.values()) / session.graph.num_channels
-        else:
+        elif self.cost_power == 1.0:
             l_s = expected / budget.full
+        else:
+            l_s = self._powered_cost(session, probs) / budget.full
         self.last = {
             "b": budget.current(session.progress), "V": v, "expected_V": float(expected.detach()), "f": f.value,
             "L_S": float(l_s.detach()), "cost_vs_budget": v / budget.target, "capped_steps": float(self.capped_steps),
@@ -132,6 +146,16 @@ class BarrierPenalty(Method):
         if f.value == 0.0 or self.lambda_ == 0.0:
             return None
         return (self.lambda_ * f.value) * l_s.float()
+
+    def _powered_cost(self, session: PruningSession, probs: dict[str, Tensor]) -> Tensor:
+        """A surrogate of the expected cost whose derivative w.r.t. each open probability is the
+        channel's marginal cost to the power ``cost_power``, times the one factor that keeps the
+        derivatives' sum that of the expected cost."""
+        marginal = session.cost_model.channel_weights(session.cost, probs)
+        powered = {n: m.clamp_min(0) ** self.cost_power for n, m in marginal.items()}
+        total = sum(float(m.clamp_min(0).sum()) for m in marginal.values())
+        scale = total / max(sum(float(m.sum()) for m in powered.values()), 1e-30)
+        return sum((probs[n].double() * (powered[n] * scale).to(probs[n].device)).sum() for n in probs)
 
     def scores(self, session: PruningSession) -> dict[str, Tensor]:
         return {n: p.detach().cpu() for n, p in session.gates.open_probabilities().items()}
