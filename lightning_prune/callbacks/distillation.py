@@ -12,8 +12,6 @@ fine-tuning of the shrunk network as well is this package's option.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 from typing import Any
 
 import lightning as L
@@ -78,10 +76,6 @@ class TeacherDistillation:
         self._session: PruningSession | None = None
         self._handle: Any = None
 
-    @property
-    def enabled(self) -> bool:
-        return self.soft_phase or self.fine_tuning
-
     def active(self, session: PruningSession | None) -> bool:
         """True while the network learns from the teacher in ``session``'s phase."""
         if session is None:
@@ -96,9 +90,7 @@ class TeacherDistillation:
         network): a copy of the full network, the architecture a resumed run's teacher is rebuilt in."""
         if not self.fine_tuning or self.teacher is not None:
             return
-        gates = session.gates
-        with gates.suspended() if gates is not None else contextlib.nullcontext():
-            self._full_network = copy.deepcopy(session.network)
+        self._full_network = session.bare_copy()
 
     def start(self, trainer: L.Trainer, session: PruningSession) -> None:
         """At fit start: take (or restore) the teacher and hook it on the network."""
@@ -108,9 +100,7 @@ class TeacherDistillation:
             return
         if self.teacher is None:
             if session.phase != "hard":
-                gates = session.gates
-                with gates.suspended() if gates is not None else contextlib.nullcontext():
-                    self.teacher = copy.deepcopy(session.network)
+                self.teacher = session.bare_copy()
             else:  # resumed after hard pruning: the network is shrunk, the full one was kept at setup
                 if full is None or self._teacher_state is None:
                     raise RuntimeError("distill_fine_tuning: the checkpoint holds no teacher to resume fine-tuning from")

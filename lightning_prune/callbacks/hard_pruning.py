@@ -184,8 +184,7 @@ class HardPruning(Callback):
         rounds: list[dict[str, float]] = []
         if trainer.is_global_zero:
             example = session.graph.example_input()
-            with session.gates.suspended():
-                bare = copy.deepcopy(session.network).eval()
+            bare = session.bare_copy().eval()
             dense = export(bare, inference=True, example_input=example, allow_over_budget=True)
             fraction = budget.fraction
             for attempt in range(self.latency_rounds + 1):

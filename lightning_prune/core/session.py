@@ -25,6 +25,7 @@ hooks; a training loop of your own calls the same methods::
 
 from __future__ import annotations
 
+import copy
 import math
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -341,6 +342,14 @@ class PruningSession:
         else:
             report = count_cost(net, example)
         return Measured(report, output_widths(net))
+
+    def bare_copy(self) -> nn.Module:
+        """A deep copy of the network as it computes without the gates (their hooks are
+        suspended while it is copied): the full network in the soft phase."""
+        if self.gates is None:
+            return copy.deepcopy(self.network)
+        with self.gates.suspended():
+            return copy.deepcopy(self.network)
 
     def example_on(self, net: nn.Module) -> tuple[Tensor, ...]:
         device = next(net.parameters()).device
