@@ -17,6 +17,8 @@ from omegaconf import DictConfig
 from lightning_prune.bench import METHODS, BudgetExceeded, dense, prune, report, result_path
 from lightning_prune.bench.report import BEGIN, END, residual_table
 from lightning_prune.bench import methods as bench_methods
+from lightning_prune.bench import training as bench_training
+from lightning_prune.bench.runner import partial_dir
 from lightning_prune.configs import config_dir
 
 TASKS = ("lenet5_mnist", "resnet20_cifar10")
@@ -77,6 +79,83 @@ def test_a_finished_run_is_skipped_and_over_budget_is_an_error(folder: Path, mon
     assert result_path(variant).name == "random+again-macs2-seed7.json" and not result_path(variant).exists()
     with pytest.raises(ValueError, match="budget.cost must be one of"):
         prune(bench_cfg(folder, "task=lenet5_mnist", "method=random", "budget.cost=flops"))
+
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_at_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int, calls: int = 1) -> list[int]:
+    """Every Trainer the runner makes raises at the start of ``epoch`` (as a killed process
+    stops), in its first ``calls`` fits; returns the list of epochs trained, appended as they start."""
+    from lightning.pytorch.callbacks import Callback
+
+    started: list[int] = []
+    made = []
+
+    class Kill(Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            if trainer.current_epoch == epoch and len(made) <= calls:
+                raise _Killed(f"killed at epoch {epoch}")
+            started.append(trainer.current_epoch)
+
+    original = bench_training.trainer
+
+    def trainer(cfg, epochs, callbacks=(), checkpoint_dir=None):
+        made.append(1)
+        return original(cfg, epochs, [*callbacks, Kill()], checkpoint_dir)
+
+    monkeypatch.setattr(bench_training, "trainer", trainer)
+    return started
+
+
+@pytest.mark.parametrize("method", ["bar", "width"])
+def test_a_killed_run_resumes_from_its_last_epoch(folder: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """A run killed during its second epoch starts again from its checkpoint of the first, and
+    ends where the run never stopped ends (LeNet-5's loader has no persistent workers)."""
+    uninterrupted = prune(bench_cfg(folder, "task=lenet5_mnist", f"method={method}", "budget.factor=2", "seed=3", "variant=whole"))
+    assert "resumed" not in uninterrupted["info"]
+    cfg = bench_cfg(folder, "task=lenet5_mnist", f"method={method}", "budget.factor=2", "seed=3", "variant=killed")
+    partial = partial_dir(cfg, result_path(cfg))
+    with monkeypatch.context() as patch:
+        trained = _kill_at_epoch(patch, epoch=1)
+        with pytest.raises(_Killed):
+            prune(cfg)
+    assert trained == [0] and (partial / "fit0" / "last.ckpt").is_file() and not result_path(cfg).exists()
+    with monkeypatch.context() as patch:
+        trained = _kill_at_epoch(patch, epoch=-1)  # counts the epochs, kills none
+        resumed = prune(cfg)
+    epochs = uninterrupted["info"].get("epochs_from_scratch", uninterrupted["epochs"])
+    assert trained == list(range(1, epochs))  # from the epoch the killed process did not finish
+    assert resumed["info"]["resumed"] == [{"fit": 0, "epochs_skipped": 1}]
+    assert not partial.exists()  # deleted once the result file is written
+    for key in ("test_accuracy", "macs", "params", "volume", "widths"):
+        assert resumed[key] == uninterrupted[key], key
+    if method == "bar":
+        assert resumed["info"]["soft_phase"] == uninterrupted["info"]["soft_phase"]
+    assert resumed["wall_seconds"] > 0
+
+
+def test_checkpoints_of_another_configuration_or_unreadable_are_not_resumed(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = bench_cfg(folder, "task=lenet5_mnist", "method=random", "budget.factor=2", "seed=4")
+    partial = partial_dir(cfg, result_path(cfg))
+    with monkeypatch.context() as patch:
+        _kill_at_epoch(patch, epoch=1)
+        with pytest.raises(_Killed):
+            prune(cfg)
+    assert (partial / "fit0" / "last.ckpt").is_file()
+    (partial / "config.yaml").write_text("another: run\n")
+    with monkeypatch.context() as patch:
+        trained = _kill_at_epoch(patch, epoch=1)
+        with pytest.warns(UserWarning, match="another configuration"), pytest.raises(_Killed):
+            prune(cfg)
+    assert trained == [0]  # started over
+    (partial / "fit0" / "last.ckpt").write_bytes(b"truncated")
+    with monkeypatch.context() as patch:
+        trained = _kill_at_epoch(patch, epoch=-1)
+        with pytest.warns(UserWarning, match="unreadable checkpoint"):
+            result = prune(cfg)
+    assert trained == [0, 1] and "resumed" not in result["info"] and not partial.exists()
 
 
 @pytest.mark.parametrize("method", ["bar", "random"])

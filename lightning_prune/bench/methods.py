@@ -80,6 +80,12 @@ class _AliveTrace(Callback):
     def __init__(self, method: Callable[[], Any]) -> None:
         self.method, self.epochs = method, []
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs": self.epochs}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epochs = list(state_dict["epochs"])
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         session = session_of(pl_module)
         if session is None or not session.active:

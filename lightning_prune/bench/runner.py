@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_prune.bench.methods import METHODS, REFERENCE, Run
-from lightning_prune.bench.training import dense_epochs, fit, latency_ratios, plain, test_accuracy
+from lightning_prune.bench.training import dense_epochs, fit, latency_ratios, plain, resumable, test_accuracy
 from lightning_prune.core.cost import CostModel, count_cost
 from lightning_prune.core.cost.latency import LATENCY, LatencyTable
 from lightning_prune.core.cost.latency_measure import measure_latency, time_network
@@ -51,6 +51,18 @@ def result_path(cfg: DictConfig) -> Path:
     factor = float(cfg.budget.factor)
     name = f"{row_name(cfg)}-{cfg.budget.cost}{factor:g}-seed{int(cfg.seed)}.json"
     return bench_dir(cfg) / ("results-toy" if cfg.toy else "results") / cfg.task.name / name
+
+
+def partial_dir(cfg: DictConfig, path: Path) -> Path:
+    """Where the run that writes ``path`` keeps its per-epoch checkpoints until it is done."""
+    return bench_dir(cfg) / "partial" / path.relative_to(bench_dir(cfg)).with_suffix("")
+
+
+def _resumable(cfg: DictConfig, path: Path, started: float) -> Any:
+    """The run that writes ``path`` saves a checkpoint every epoch under ``partial_dir`` and, when
+    killed, resumes from there (with the same configuration) the next time it is started."""
+    config = OmegaConf.to_yaml(cfg)  # unresolved: the choices and overrides, not where this process runs
+    return resumable(partial_dir(cfg, path), config, started)
 
 
 def row_name(cfg: DictConfig) -> str:
@@ -131,22 +143,26 @@ def dense(cfg: DictConfig) -> dict[str, Any]:
     datamodule = _datamodule(cfg)
     net = instantiate(cfg.task.model, num_classes=datamodule.num_classes)
     source = cfg.get("dense_from")
-    if source:  # trained elsewhere (e.g. on a GPU, or by lightning-prune's train entry point)
-        if not Path(source).is_file():
-            raise FileNotFoundError(f"dense_from: no file {source}")
-        load_network_weights(net, source)
-    else:
-        net = fit(cfg, datamodule, net, cfg.task.dense, int(cfg.task.dense.epochs))
-        restart = cfg.task.dense.get("restart")
-        if restart:
-            net = fit(cfg, datamodule, net, restart, int(restart.epochs))
+    with _resumable(cfg, path, started) as checkpoints:
+        if source:  # trained elsewhere (e.g. on a GPU, or by lightning-prune's train entry point)
+            if not Path(source).is_file():
+                raise FileNotFoundError(f"dense_from: no file {source}")
+            load_network_weights(net, source)
+        else:
+            net = fit(cfg, datamodule, net, cfg.task.dense, int(cfg.task.dense.epochs))
+            restart = cfg.task.dense.get("restart")
+            if restart:
+                net = fit(cfg, datamodule, net, restart, int(restart.epochs))
     accuracy = test_accuracy(cfg, net, datamodule)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
     payload = {"task": cfg.task.name, "test_accuracy": accuracy, "epochs": dense_epochs(cfg),
                "imported_from": str(source) if source else None,
-               "wall_seconds": time.perf_counter() - started, "recipe": plain(cfg.task.dense), **_environment(cfg)}
+               "wall_seconds": checkpoints.seconds(), "recipe": plain(cfg.task.dense), **_environment(cfg)}
+    if checkpoints.resumed:
+        payload["resumed"] = checkpoints.resumed
     _write_json(record, payload)
+    checkpoints.delete()
     print(f"dense {cfg.task.name}: {accuracy:.2f}% test accuracy, saved to {path}", flush=True)
     return payload
 
@@ -207,7 +223,10 @@ def prune(cfg: DictConfig) -> dict[str, Any]:
     table = _latency_table(cfg, dense_net, example) if cfg.budget.cost == LATENCY else None
     full_cost = CostModel(table.graph, latency=table.table).full(LATENCY) if table else full[cfg.budget.cost]
     run = Run(cfg, datamodule, dense_net, example, full_cost / factor, latency=table.table if table else None)
-    net = METHODS[name](run).eval()
+    with _resumable(cfg, path, started) as checkpoints:
+        net = METHODS[name](run).eval()
+    if checkpoints.resumed:
+        run.info["resumed"] = checkpoints.resumed
     cost = count_cost(net, example)
     reference = name in REFERENCE
     spent = run.info["latency"]["predicted_ms"] * 1e6 if table else cost[cfg.budget.cost]
@@ -227,9 +246,10 @@ def prune(cfg: DictConfig) -> dict[str, Any]:
         "widths": output_widths(net), "epochs": run.epochs, "reference": reference,
         "latency_ratio": latency_ratios(dense_net, net, datamodule.input_shape, bool(cfg.toy)),
         "method_config": plain(cfg.method), "info": run.info,
-        "wall_seconds": time.perf_counter() - started, **_environment(cfg),
+        "wall_seconds": checkpoints.seconds(), **_environment(cfg),
     }
     _write_json(path, payload)
+    checkpoints.delete()
     print(f"{cfg.task.name} {name} {cfg.budget.cost}/{factor:g} seed {int(cfg.seed)}: {payload['test_accuracy']:.2f}% "
           f"at {spent:,.0f} {cfg.budget.cost} (budget {run.target:,.0f}) -> {path}", flush=True)
     return payload
