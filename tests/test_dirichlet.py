@@ -236,6 +236,30 @@ def test_share_allocation_thins_a_layer_less_the_more_importance_it_has_lost():
         fit_budget(model, "macs", target, {**uniform, "features.0": torch.zeros(20)}, relative=True)
 
 
+@pytest.mark.parametrize("residual", ["tied", "mixed"])
+def test_share_allocation_weighs_a_residual_stream_as_the_layers_that_write_it(residual: str):
+    """A ResNet stage's stream is written by 4 layers (the stem or projection and 3 blocks): its
+    share term counts 4 times, so under a MAC budget with uniform importance the streams keep
+    every channel and the blocks' inner convolutions are thinned; counted once (as a plain
+    layer), the streams, whose channels are the most MACs each, went first (7/16/36 kept)."""
+    from lightning_prune.core.allocation import fit_budget, producing_layers
+    from lightning_prune.core.cost.model import CostModel
+    from lightning_prune.core.trace import build_graph
+    from lightning_prune.models import CifarResNet
+
+    model = CostModel(build_graph(CifarResNet(depth=20).eval(), torch.zeros(1, 3, 32, 32), residual=residual))
+    streams = ("conv1", "layer2.0.shortcut.0", "layer3.0.shortcut.0") if residual == "mixed" else (
+        "conv1", "layer2.0.conv2", "layer3.0.conv2")
+    assert {n: producing_layers(model, n) for n in model.names} == {n: 4 if n in streams else 1 for n in model.names}
+    uniform = {n: torch.ones(k) for n, k in zip(model.names, model.sizes)}
+    result = fit_budget(model, "macs", model.full("macs") / 2, uniform, relative=True)
+    widths = {n: int(m.sum()) for n, m in result.masks.items()}
+    assert [widths[n] for n in streams] == [16, 32, 64]
+    inner = [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
+    assert [widths[n] for n in inner] == [7, 7, 7, 20, 15, 15, 40, 30, 30]
+    assert result.cost == model.exact(result.masks, "macs") <= model.full("macs") / 2
+
+
 def test_explicit_width_list_keeps_the_top_channels_by_posterior_mean():
     L.seed_everything(0)
     module = ForeignModule(lr=0.0)  # the weights never change: the shrunk ones can be compared

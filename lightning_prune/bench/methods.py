@@ -122,7 +122,7 @@ def dirichlet(run: Run) -> nn.Module:
     switch = max(1, min(run.epochs - 1, int(m.switch_epochs)))
     callbacks = [
         DirichletImportance(**_common(run), alpha0=m.alpha0, gate_lr=m.gate_lr, allocation=m.allocation, epochs=switch,
-                            distill_fine_tuning=m.distill_fine_tuning),
+                            distill_fine_tuning=m.distill_fine_tuning, residual=m.residual),
         HardPruning(switch, plot=False, verbose=False),
     ]
     run.info["prune_epoch"] = switch

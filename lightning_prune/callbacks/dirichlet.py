@@ -75,9 +75,12 @@ class DirichletImportance(GatedPruning):
 
     - ``"share"`` (default): dropping channel i of group l loses the share of the group's
       *kept* posterior mass it holds, ``log(m_l) - log(m_l - E[s_li])`` with ``m_l`` the sum of
-      the kept ``E[s_l]``; the greedy maximises ``sum_l log m_l`` (the product of the importance
-      every layer keeps: a chain of layers is as good as its weakest) under the budget, so a
-      layer gets harder to thin the more of its importance it has already lost;
+      the kept ``E[s_l]``; the greedy maximises ``sum_l n_l log m_l`` (the product of the
+      importance every layer keeps: a chain of layers is as good as its weakest) under the
+      budget, so a layer gets harder to thin the more of its importance it has already lost.
+      ``n_l`` is the number of layers writing group l's channels: 1 for a plain layer, 4 for a
+      ResNet-20 stage's residual stream (stem or projection, and each block adding into it),
+      which therefore weighs as the 4 layers it feeds from;
     - ``"score"``: the plain score ``K * E[s]`` (1 for every channel of a uniform switch, so
       comparable across widths) per unit of cost. Cost then dominates: on LeNet-5 under a MAC
       budget it empties the convolutions (1 channel left) before touching the cheap 500 fc

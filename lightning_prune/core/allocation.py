@@ -44,6 +44,16 @@ def minimum_cost(cost_model: CostModel, cost: str) -> int:
     return cost_model.exact(one, cost)
 
 
+def producing_layers(cost_model: CostModel, group: str) -> int:
+    """How many layers output the channels of ``group`` (convolutions and linear layers, at
+    least 1); a mixed-connectivity stream also counts every residual branch that adds into it
+    (dropping a stream channel drops that channel of each branch), so a ResNet stage's stream
+    counts the same in both residual modes."""
+    groups = cost_model.graph.groups
+    outputs = sum(1 for member in groups[group].members if member.role == "out")
+    return max(1, outputs + sum(1 for g in groups.values() if g.stream == group))
+
+
 def fit_budget(
     cost_model: CostModel,
     cost: str,
@@ -65,10 +75,13 @@ def fit_budget(
             branch groups of mixed-connectivity residual blocks, which may keep none (the
             branch is removed; its marginal cost then includes every layer of the branch).
         relative: value a channel by the share of its group's *kept* score it holds: dropping
-            it costs ``log(kept) - log(kept - score)`` (scores must be > 0). The greedy then
-            maximises the sum over groups of the log of the kept score under the budget, so a
-            group gets harder to thin the more of its importance it has already lost; plain
-            scores (``False``) compare channels of different groups directly.
+            it costs ``n * (log(kept) - log(kept - score))`` (scores must be > 0), with ``n``
+            the number of layers whose outputs the group's channels are (4 for a ResNet stage's
+            residual stream: the stem or projection and every block's last convolution; 1 for
+            a plain layer). The greedy then maximises the sum over producing layers of the log
+            of the score each keeps, under the budget: a group gets harder to thin the more of
+            its importance it has already lost, and a stream shared by n layers weighs as those
+            n layers. Plain scores (``False``) compare channels of different groups directly.
         per_cost: divide each score by the channel's marginal cost (default); ``False`` drops
             the lowest-scoring channel wherever it is, whatever it saves.
 
@@ -90,6 +103,7 @@ def fit_budget(
         if not bool(mask.any()) and name not in branches:
             best = int(torch.argmax(score[name])) if name in score else 0
             mask[best] = True
+    producers = {name: producing_layers(cost_model, name) for name in score}
     dropped: dict[str, list[int]] = {}
     current = cost_model.exact(keep, cost)
     refresh_every = max(1, sum(int(m.sum()) for m in keep.values()) // 200)
@@ -107,7 +121,7 @@ def fit_budget(
             w = weights[name].clamp_min(1e-12)
             if relative:
                 kept = s[mask].sum()
-                s = torch.log(kept) - torch.log((kept - s).clamp_min(kept * 1e-12))
+                s = producers[name] * (torch.log(kept) - torch.log((kept - s).clamp_min(kept * 1e-12)))
             ratio = torch.where(mask, s / w if per_cost else s, torch.full_like(s, float("inf")))
             idx = int(torch.argmin(ratio))
             if float(ratio[idx]) < best_ratio:
