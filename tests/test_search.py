@@ -439,6 +439,31 @@ def test_compression_search_budget_repair() -> None:
         tight.run(toy)
 
 
+def test_compression_search_fill_budget_moves_under_budget_points_to_the_budget() -> None:
+    toy = ToyModel()
+    search = CompressionSearch(toy.space, "genetic", batch_size=10, iterations=4, threshold=60.0, boundary_steps=None,
+                               budget=0.5, fill_budget=True, seed=0)
+    search.run(toy)
+    fractions = [toy.space.predict_cost(np.array(x)) / 1000 for x in toy.evaluated[1:]]  # after the reference
+    assert max(fractions) <= 0.5 and min(fractions) >= 0.5 - 1e-4  # every candidate spends the budget
+    x = np.array([[0.1, 0.0, 0.9, 0.2], [0.9, 0.9, 0.1, 0.9]])  # over and under the budget
+    fixed = search.repair(x)
+    for k, end in ((0, np.array([1.0, 1.0, 0.0, 1.0])), (1, toy.space.identity)):
+        assert 0.5 - 1e-5 <= toy.space.predict_cost(fixed[k]) / 1000 <= 0.5
+        step = (fixed[k] - x[k]) / (end - x[k])
+        np.testing.assert_allclose(step, step[0], atol=1e-5)  # on the segment from x to end
+    under = search.repair(np.array([[0.9, 0.9, 0.1, 0.9]]))  # the same point: the same repair
+    np.testing.assert_array_equal(under[0], fixed[1])
+    restored = CompressionSearch(toy.space, "genetic", batch_size=10, iterations=4, threshold=60.0,
+                                 boundary_steps=None, budget=0.5, seed=0)
+    with pytest.raises(ValueError, match="fill_budget"):
+        restored.load_state_dict(search.state_dict())
+    with pytest.raises(ValueError, match="fill_budget needs a budget"):
+        CompressionSearch(toy.space, fill_budget=True)
+    with pytest.raises(TypeError, match="fill_budget must be a bool"):
+        CompressionSearch(toy.space, budget=0.5, fill_budget=1)
+
+
 def test_compression_search_rejects_a_threshold_above_the_original() -> None:
     search = CompressionSearch(ToyModel.space, threshold=95.0)
     with pytest.raises(ValueError, match="threshold"):

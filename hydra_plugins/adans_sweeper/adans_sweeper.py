@@ -152,6 +152,7 @@ class AdaNSSweeper(Sweeper):
         min_drop: float = 0.1,
         cost_weight: float = 1.0,
         budget: Optional[float] = None,
+        fill_budget: bool = False,
         max_batch_size: Optional[int] = None,
         final_overrides: Optional[List[str]] = None,
         progress: bool = True,
@@ -170,7 +171,7 @@ class AdaNSSweeper(Sweeper):
         self.settings = dict(
             batch_size=batch_size, iterations=iterations, threshold=threshold, alpha_max=alpha_max,
             boundary_steps=boundary_steps, init=init, seed=seed, min_drop=min_drop, cost_weight=cost_weight,
-            budget=budget,
+            budget=budget, fill_budget=fill_budget,
         )
         self.max_batch_size = max_batch_size
         self.final_overrides = list(final_overrides) if final_overrides else None

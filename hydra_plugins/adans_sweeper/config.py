@@ -35,6 +35,8 @@ class AdaNSSweeperConf:
     cost_weight: float = 1.0
     # Optional maximum cost as a fraction of the original; over-budget points are repaired.
     budget: Optional[float] = None
+    # With a budget: also move under-budget points towards the original model until they spend it.
+    fill_budget: bool = False
     # Jobs per launcher call (null: a whole batch at once).
     max_batch_size: Optional[int] = None
     # Overrides of one last job run on the best x (e.g. export and fine-tune); null: no such job.

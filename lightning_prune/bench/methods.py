@@ -188,7 +188,7 @@ def adans(run: Run) -> nn.Module:
         space.search_space, sampler=m.sampler, batch_size=4 if run.cfg.toy else int(m.batch_size),
         iterations=2 if run.cfg.toy else int(m.iterations), threshold=max(0.0, reference - float(m.max_drop)),
         boundary_steps=None if run.cfg.toy or m.boundary_steps is None else int(m.boundary_steps), seed=int(run.cfg.seed),
-        budget=1.0 / float(run.cfg.budget.factor),
+        budget=1.0 / float(run.cfg.budget.factor), fill_budget=bool(m.fill_budget),
     )
     best = search.run(lambda xs: [{"accuracy": space.accuracy(x, inputs[:eval_size], targets[:eval_size]),
                                    "cost": float(space.predict_cost(x))} for x in xs])

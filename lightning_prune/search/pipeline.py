@@ -13,7 +13,9 @@ Hydra override) and read back is the same point. A point that was already evalua
 asked again: its result is reused. With a ``budget`` (fraction of the original cost) and a
 space that predicts costs, every proposed point whose predicted cost is over budget is
 *repaired* before it is asked: moved along the segment towards the most compressed corner of
-the box just far enough to meet the budget.
+the box just far enough to meet the budget. With ``fill_budget`` an under-budget point is moved
+the other way, towards the original model, until it spends the budget: every candidate then
+costs about the budget, and the search compares them by accuracy alone.
 
 Everything is plain values (``state_dict``), so the search can be saved after every batch and
 resumed without evaluating finished points again.
@@ -68,6 +70,8 @@ class CompressionSearch:
         min_drop, cost_weight: see :func:`~lightning_prune.search.score.score`.
         budget: optional maximum cost as a fraction of the original cost (needs
             ``space.predict_cost``); over-budget points are repaired before they are asked.
+        fill_budget: with ``budget``, also move every under-budget point towards the original
+            model (less compression in every dimension) until it spends the budget.
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class CompressionSearch:
         min_drop: float = 0.1,
         cost_weight: float = 1.0,
         budget: float | None = None,
+        fill_budget: bool = False,
     ) -> None:
         if not isinstance(space, SearchSpace):
             raise TypeError(f"space must be a SearchSpace, got {type(space).__name__}")
@@ -94,6 +99,11 @@ class CompressionSearch:
                 raise ValueError(f"budget must be a fraction of the original cost in (0, 1], got {budget!r}")
             if space.predict_cost is None:
                 raise ValueError("budget needs a space that predicts costs (space.predict_cost is None)")
+        if not isinstance(fill_budget, bool):
+            raise TypeError(f"fill_budget must be a bool, got {type(fill_budget).__name__}")
+        if fill_budget and budget is None:
+            raise ValueError("fill_budget needs a budget")
+        self.fill_budget = fill_budget
         self.space = space
         self.iterations = iterations
         self.threshold = float(threshold)
@@ -123,9 +133,31 @@ class CompressionSearch:
             self._base_predicted = float(self.space.predict_cost(self.space.identity))
         return float(self.space.predict_cost(x)) / self._base_predicted
 
+    def _towards(self, x: np.ndarray, end: np.ndarray) -> np.ndarray:
+        """The point on the segment from ``x`` to ``end`` that meets the budget: the nearest to
+        ``x`` when ``x`` is over it, the nearest to ``end`` otherwise (``end`` on the other side
+        of the budget from ``x``), rounded to 6 decimals on the side under the budget."""
+        over = self._predicted_fraction(x) > self.budget
+        lo, hi = 0.0, 1.0  # fractions of the way from x to end; the answer lies between them
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            meets = self._predicted_fraction(x + mid * (end - x)) <= self.budget
+            if meets == over:  # over budget: shrink towards x; filling: go further while under
+                hi = mid
+            else:
+                lo = mid
+        t = hi if over else lo  # the end of the bracket that is under the budget
+        y = x + t * (end - x)
+        # Round towards the compressed side so that rounding cannot push the point over budget.
+        ceil_compresses = (end >= x) if over else (end <= x)  # per coordinate: rounding up compresses
+        y = np.where(ceil_compresses, np.ceil(y * 10**DECIMALS), np.floor(y * 10**DECIMALS)) / 10**DECIMALS
+        return self.ada.box.clip(y)
+
     def repair(self, batch: np.ndarray) -> np.ndarray:
         """Round a proposed batch (n, d) to 6 decimals and, with a budget, move every
-        over-budget point towards the most compressed corner of the box until it meets it."""
+        over-budget point towards the most compressed corner of the box until it meets it
+        (and, with ``fill_budget``, every under-budget point towards the original model until
+        it spends it)."""
         batch = np.round(batch, DECIMALS)
         if self.budget is None:
             return batch
@@ -137,20 +169,12 @@ class CompressionSearch:
                 f"{self._predicted_fraction(far):.4f} of the original; lower the accuracy threshold or raise the budget"
             )
         out = batch.copy()
+        identity = np.asarray(self.space.identity, dtype=float)
         for k, x in enumerate(batch):
-            if self._predicted_fraction(x) <= self.budget:
-                continue
-            lo, hi = 0.0, 1.0  # fraction of the way from x to far; hi meets the budget
-            for _ in range(40):
-                mid = (lo + hi) / 2
-                if self._predicted_fraction(x + mid * (far - x)) <= self.budget:
-                    hi = mid
-                else:
-                    lo = mid
-            # Round away from x so that rounding cannot push the point back over budget.
-            y = x + hi * (far - x)
-            y = np.where(far >= x, np.ceil(y * 10**DECIMALS), np.floor(y * 10**DECIMALS)) / 10**DECIMALS
-            out[k] = box.clip(y)
+            if self._predicted_fraction(x) > self.budget:
+                out[k] = self._towards(x, far)
+            elif self.fill_budget and self._predicted_fraction(identity) > self.budget:
+                out[k] = self._towards(x, identity)
         return out
 
     # --- ask / tell -------------------------------------------------------------------------
@@ -275,6 +299,7 @@ class CompressionSearch:
             "iterations": self.iterations,
             "threshold": self.threshold,
             "budget": self.budget,
+            "fill_budget": self.fill_budget,
             "space": self.space.names,
             "reference": self.reference,
             "boundary": None if self.boundary is None else self.boundary.state_dict(),
@@ -284,8 +309,8 @@ class CompressionSearch:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = {"threshold": self.threshold, "budget": self.budget, "space": self.space.names}
-        theirs = {k: state[k] for k in mine}
+        mine = {"threshold": self.threshold, "budget": self.budget, "fill_budget": self.fill_budget, "space": self.space.names}
+        theirs = {k: state.get(k, False) if k == "fill_budget" else state[k] for k in mine}  # saved before fill_budget: off
         if mine != theirs:
             diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs[k]}
             raise ValueError(f"state: saved with different settings (saved, now): {diff}")
