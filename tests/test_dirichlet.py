@@ -208,6 +208,32 @@ def test_lenet5_global_allocation_meets_the_mac_budget_on_the_shrunk_network(dat
     assert all(float(s.max() - s.min()) > 1e-3 for s in importance.values())
 
 
+def test_fill_adds_channels_back_while_under_the_budget():
+    """With fc importance on 20 units, the share greedy ends 1,672 MACs under the budget; fill
+    takes back 3 fc units (522 MACs each with 32 conv2 channels), the most important of the
+    dropped ones first."""
+    from lightning_prune.core.session import PruningSession
+    from lightning_prune.methods.dirichlet import DirichletSwitches
+
+    fc = torch.full((500,), 1e-3)
+    fc[:20] = 25.0
+    fc[20:23] = 1e-2  # the next most important
+    spent = {}
+    for fill in (False, True):
+        method = DirichletSwitches(fill=fill)
+        session = PruningSession(LeNet5().eval(), method, factor=16, cost="macs", register=False)
+        session.trace(torch.zeros(1, 1, 28, 28))
+        scores = {n: torch.ones(k) for n, k in zip(session.cost_model.names, session.cost_model.sizes)}
+        method.scores = lambda _session, scores={**scores, "classifier.1": fc}: scores
+        masks = method.keep_masks(session)
+        spent[fill] = session.cost_model.exact(masks, "macs")
+        assert [int(m.sum()) for m in masks.values()] == ([2, 32, 20] if not fill else [2, 32, 23])
+        assert bool(masks["classifier.1"][:20 if not fill else 23].all())
+    assert spent[False] == 141_640 and spent[True] == 143_206 and spent[True] <= 2_293_000 / 16
+    with pytest.raises(TypeError, match="fill must be a bool"):
+        DirichletSwitches(fill=1)
+
+
 def test_share_allocation_thins_a_layer_less_the_more_importance_it_has_lost():
     from lightning_prune.core.allocation import fit_budget
     from lightning_prune.core.cost.model import CostModel

@@ -121,7 +121,7 @@ def dirichlet(run: Run) -> nn.Module:
     m = run.cfg.method
     switch = max(1, min(run.epochs - 1, int(m.switch_epochs)))
     callbacks = [
-        DirichletImportance(**_common(run), alpha0=m.alpha0, gate_lr=m.gate_lr, allocation=m.allocation, epochs=switch,
+        DirichletImportance(**_common(run), alpha0=m.alpha0, gate_lr=m.gate_lr, allocation=m.allocation, fill=m.fill, epochs=switch,
                             distill_fine_tuning=m.distill_fine_tuning, residual=m.residual),
         HardPruning(switch, plot=False, verbose=False),
     ]

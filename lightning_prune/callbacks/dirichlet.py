@@ -107,6 +107,9 @@ class DirichletImportance(GatedPruning):
         init: initial Dirichlet concentration of every switch (uniform, so the identity).
         allocation: ``"share"`` or ``"score"``: how channels of different groups are compared
             when choosing the widths under the budget (above).
+        fill: after the greedy, add dropped channels back (highest posterior mean first)
+            while the network stays under the budget: it spends what the last, overshooting
+            drops left.
         residual: ``"tied"`` (default) or ``"mixed"`` residual blocks (see
             :func:`lightning_prune.core.trace.build_graph`): with ``"mixed"`` each residual
             branch has its own switch and the allocation may remove a branch entirely.
@@ -131,6 +134,7 @@ class DirichletImportance(GatedPruning):
         layerwise: bool = False,
         init: float = 1.0,
         allocation: str = "share",
+        fill: bool = True,
         gate_lr: float = 0.1,
         residual: str = "tied",
         module: str | None = None,
@@ -143,7 +147,7 @@ class DirichletImportance(GatedPruning):
         alpha: float = 0.9,
     ) -> None:
         self._method_args = {"alpha0": alpha0, "estimator": estimator, "init": init, "allocation": allocation,
-                             "gate_lr": gate_lr, "kl_scale": kl_weight, "residual": residual}
+                             "fill": fill, "gate_lr": gate_lr, "kl_scale": kl_weight, "residual": residual}
         super().__init__(budget=budget, factor=factor, cost=cost, latency=latency, module=module, example_input=example_input,
                          ignore=ignore, verbose=verbose, distillation=distillation, distill_fine_tuning=distill_fine_tuning,
                          temperature=temperature, alpha=alpha)

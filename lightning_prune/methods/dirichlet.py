@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.core.allocation import fit_budget
+from lightning_prune._checks import check_bool
+from lightning_prune.core.allocation import fill_budget, fit_budget
 from lightning_prune.core.budget import finite_real
 from lightning_prune.core.gates import ChannelGate, DirichletSwitch
 from lightning_prune.core.graph import ChannelGroup
@@ -46,11 +47,16 @@ class DirichletSwitches(Method):
       (``m_l`` the kept posterior mass of the group): the greedy maximises ``sum_l log m_l``;
     - ``allocation="score"``: the plain score ``K * E[s]`` per unit of cost.
 
+    With ``fill``, channels the greedy dropped are then added back, highest ``K * E[s]`` first,
+    while the network stays under the budget (the last channels dropped can overshoot it by
+    a whole convolution channel's cost).
+
     Args:
         alpha0: concentration of the symmetric Dirichlet prior.
         estimator: ``"mean"`` (the posterior mean) or ``"gamma"`` (reparameterised samples).
         init: initial concentration of every switch.
         allocation: ``"share"`` or ``"score"``.
+        fill: spend what the greedy left of the budget (above).
         gate_lr: learning rate of the switches' Adam optimizer.
         kl_scale: weight of the KL term (``None`` until the caller sets it, e.g. 1 / N samples).
         residual: ``"tied"`` (default) or ``"mixed"`` residual blocks (see
@@ -62,7 +68,7 @@ class DirichletSwitches(Method):
     ALLOCATIONS = ("share", "score")
 
     def __init__(self, alpha0: float = 0.5, estimator: str = "mean", init: float = 1.0, allocation: str = "share",
-                 gate_lr: float = 0.1, kl_scale: float | None = None, residual: str = "tied") -> None:
+                 fill: bool = True, gate_lr: float = 0.1, kl_scale: float | None = None, residual: str = "tied") -> None:
         super().__init__()
         self.residual = self.check_residual(residual)
         self.alpha0 = finite_real("alpha0", alpha0)
@@ -84,6 +90,7 @@ class DirichletSwitches(Method):
                 raise ValueError(f"kl_weight must be >= 0 or None (1 / number of training samples), got {kl_scale}")
         self.estimator = estimator
         self.allocation = allocation
+        self.fill = check_bool("fill", fill)
         self.kl_scale = kl_scale
         self.learning_groups: tuple[str, ...] = ()
 
@@ -125,5 +132,6 @@ class DirichletSwitches(Method):
         return {n: (g.posterior_mean() * g.num_channels).detach().cpu() for n, g in session.gates.items()}
 
     def keep_masks(self, session: PruningSession) -> dict[str, Tensor]:
-        return fit_budget(session.cost_model, session.cost, session.budget.target, self.scores(session),
-                          relative=self.allocation == "share").masks
+        model, cost, target, scores = session.cost_model, session.cost, session.budget.target, self.scores(session)
+        masks = fit_budget(model, cost, target, scores, relative=self.allocation == "share").masks
+        return fill_budget(model, cost, target, scores, masks).masks if self.fill else masks
