@@ -62,6 +62,14 @@ def test_every_method_writes_a_valid_result_file(folder: Path, task: str, method
     assert result["command"].startswith("lightning-prune-bench")
 
 
+def test_adans_fills_the_budget_and_scores_with_recalibrated_batch_norm(folder: Path) -> None:
+    cfg = bench_cfg(folder, "task=resnet20_cifar10", "method=adans", "budget.factor=2", "variant=fill-bn",
+                    "method.fill_budget=true", "method.calibration_size=32")
+    result = prune(cfg)
+    assert 0.97 * result["budget"] <= result["macs"] <= result["budget"]  # every candidate spends the budget
+    assert result["method_config"]["calibration_size"] == 32 and result["method_config"]["fill_budget"]
+
+
 def test_a_finished_run_is_skipped_and_over_budget_is_an_error(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = bench_cfg(folder, "task=lenet5_mnist", "method=random", "budget.factor=2", "seed=7")
     first = prune(cfg)

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 import lightning_prune
 from lightning_prune import count_cost
 from lightning_prune.models import CifarResNet, LeNet5
-from lightning_prune.search.spaces import KINDS, CompressionSpace, sparse_cost, top1
+from lightning_prune.search.spaces import KINDS, CompressionSpace, recalibrated_batch_norm, sparse_cost, top1
 from tests.core_zoo import macs_table
 
 
@@ -119,6 +119,45 @@ def test_channel_ranking_and_in_place_masks() -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(inputs), before)
     assert space.gates is None
+
+
+def test_recalibrated_batch_norm_uses_the_statistics_of_the_images_and_restores_them() -> None:
+    torch.manual_seed(0)
+    model = _perturbed(CifarResNet(8, num_classes=10))
+    images = torch.randn(24, 3, 32, 32) * 2 + 0.5
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with recalibrated_batch_norm(model, images, batch_size=8):  # 3 equal batches, averaged cumulatively
+        assert not model.training and not model.bn1.training
+        with torch.no_grad():
+            stem = model.conv1(images)  # the first batch norm's input
+        torch.testing.assert_close(model.bn1.running_mean, stem.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-5)
+        per_batch = [stem[i : i + 8].var(dim=(0, 2, 3), unbiased=True) for i in range(0, 24, 8)]
+        torch.testing.assert_close(model.bn1.running_var, torch.stack(per_batch).mean(0), atol=1e-5, rtol=1e-5)
+        assert model.bn1.momentum is None
+    assert model.bn1.momentum == 0.1 and not model.bn1.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved[k]), k  # running statistics and counters restored
+
+
+def test_a_calibrated_accuracy_leaves_the_loaded_model_as_it_was() -> None:
+    torch.manual_seed(0)
+    model = _perturbed(CifarResNet(8, num_classes=10))
+    inputs, targets = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    space = CompressionSpace(model, inputs[:1], "structured")
+    space.rank_channels([(inputs[:32], targets[:32])])
+    x = np.full(space.search_space.d, 0.5)
+    plain = space.accuracy(x, inputs, targets)
+    with torch.no_grad():
+        space.apply(x)
+        masked = model(inputs)
+    calibrated = space.accuracy(x, inputs, targets, calibration=inputs[32:])
+    with recalibrated_batch_norm(model, inputs[32:]):
+        assert calibrated == top1(model, inputs, targets)  # the same re-estimated statistics
+        with torch.no_grad():
+            assert not torch.allclose(model(inputs), masked)  # ... which change the outputs
+    assert space.accuracy(x, inputs, targets) == plain
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs), masked)
 
 
 def test_unstructured_keeps_the_largest_weights() -> None:
@@ -299,6 +338,13 @@ def test_candidate_job_evaluates_and_builds_the_winner(lenet_checkpoint: Path, d
         job.run(_job_cfg(lenet_checkpoint, data_dir))
     with pytest.raises(ValueError, match="mode"):
         job.run(_job_cfg(lenet_checkpoint, data_dir, x=identity, mode="export"))
+    calibrated = job.evaluator(_job_cfg(lenet_checkpoint, data_dir, x=identity, calibration_size=50))
+    assert len(calibrated.calibration) == 50 and len(calibrated.inputs) == 300
+    assert not torch.equal(calibrated.calibration[:1], calibrated.inputs[:1])  # images after the ranked ones
+    with pytest.raises(ValueError, match="search.calibration_size must be a non-negative int"):
+        job.evaluator(_job_cfg(lenet_checkpoint, data_dir, x=identity, calibration_size=-1))
+    with pytest.raises(ValueError, match=r"search.calibration_size = 100400 images"):
+        job.evaluator(_job_cfg(lenet_checkpoint, data_dir, x=identity, calibration_size=100000))
 
 
 def test_candidate_job_with_a_latency_cost(lenet_checkpoint: Path, data_dir: Path, tmp_path: Path) -> None:

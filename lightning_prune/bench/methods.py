@@ -172,26 +172,30 @@ def _held_out(run: Run, n: int) -> tuple[Tensor, Tensor]:
 def adans(run: Run) -> nn.Module:
     """AdaNS-Gaussian (Javaheripi et al., IEEE JSTSP 2020) over per-layer keep fractions
     (structured pruning), every candidate repaired to the budget and scored on held-out images
-    without training; the best candidate is built and fine-tuned for all the epochs."""
+    without training (with ``calibration_size`` > 0, after re-estimating its batch-norm
+    statistics on that many other held-out images); the best candidate is built and fine-tuned
+    for all the epochs."""
     from lightning_prune.search import CompressionSearch, CompressionSpace
 
     m = run.cfg.method
     net = copy.deepcopy(run.dense).eval()
     space = CompressionSpace(net, run.example, "structured", run.cost)
     eval_size, rank_size = (64, 64) if run.cfg.toy else (int(m.eval_size), int(m.rank_size))
-    inputs, targets = _held_out(run, eval_size + rank_size)
+    calibration_size = min(int(m.calibration_size), 64) if run.cfg.toy else int(m.calibration_size)
+    inputs, targets = _held_out(run, eval_size + rank_size + calibration_size)
+    calibration = inputs[eval_size + rank_size :] if calibration_size else None
     batch = 100
     space.rank_channels([(inputs[eval_size + i : eval_size + i + batch], targets[eval_size + i : eval_size + i + batch])
                          for i in range(0, rank_size, batch)])
-    reference = space.accuracy(space.search_space.identity, inputs[:eval_size], targets[:eval_size])
+    accuracy = lambda x: space.accuracy(x, inputs[:eval_size], targets[:eval_size], calibration=calibration)  # noqa: E731
+    reference = accuracy(space.search_space.identity)
     search = CompressionSearch(
         space.search_space, sampler=m.sampler, batch_size=4 if run.cfg.toy else int(m.batch_size),
         iterations=2 if run.cfg.toy else int(m.iterations), threshold=max(0.0, reference - float(m.max_drop)),
         boundary_steps=None if run.cfg.toy or m.boundary_steps is None else int(m.boundary_steps), seed=int(run.cfg.seed),
         budget=1.0 / float(run.cfg.budget.factor), fill_budget=bool(m.fill_budget),
     )
-    best = search.run(lambda xs: [{"accuracy": space.accuracy(x, inputs[:eval_size], targets[:eval_size]),
-                                   "cost": float(space.predict_cost(x))} for x in xs])
+    best = search.run(lambda xs: [{"accuracy": accuracy(x), "cost": float(space.predict_cost(x))} for x in xs])
     run.info.update(search_reference_accuracy=reference, search_best=best, evaluations=len(search.log))
     compressed = space.compress(best["x"])
     return fit(run.cfg, run.datamodule, compressed, run.cfg.task.prune, run.epochs)

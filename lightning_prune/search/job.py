@@ -91,21 +91,27 @@ class Evaluator:
 
     def __init__(self, cfg: DictConfig) -> None:
         s = cfg.search
-        for key in ("eval_size", "rank_size", "batch_size"):
-            if not isinstance(s[key], int) or s[key] < (0 if key == "rank_size" else 1):
-                raise ValueError(f"search.{key} must be a {'non-negative' if key == 'rank_size' else 'positive'} int, "
-                                 f"got {s[key]!r}")
+        calibration_size = s.get("calibration_size", 0)
+        for key, value in (("eval_size", s.eval_size), ("rank_size", s.rank_size), ("batch_size", s.batch_size),
+                           ("calibration_size", calibration_size)):
+            non_negative = key in ("rank_size", "calibration_size")
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if non_negative else 1):
+                raise ValueError(f"search.{key} must be a {'non-negative' if non_negative else 'positive'} int, "
+                                 f"got {value!r}")
         self.datamodule = instantiate(cfg.data)
         self.datamodule.setup("fit")
         held_out = self.datamodule.val_set
-        need = s.eval_size + s.rank_size
+        need = s.eval_size + s.rank_size + calibration_size
         if held_out is None or len(held_out) < need:
-            raise ValueError(f"search.eval_size + search.rank_size = {need} images are needed from the held-out part of "
-                             f"the training set, which has {0 if held_out is None else len(held_out)} (data.val_size)")
+            raise ValueError(f"search.eval_size + search.rank_size + search.calibration_size = {need} images are needed "
+                             f"from the held-out part of the training set, which has "
+                             f"{0 if held_out is None else len(held_out)} (data.val_size)")
         images = [held_out[i] for i in range(need)]
         inputs = torch.stack([img for img, _ in images])
         targets = torch.tensor([int(t) for _, t in images])
         self.inputs, self.targets = inputs[: s.eval_size], targets[: s.eval_size]
+        end = s.eval_size + s.rank_size
+        self.calibration = inputs[end:] if calibration_size else None
         self.batch_size = s.batch_size
         self.model = _build_model(cfg.model, self.datamodule.num_classes)
         if s.checkpoint is None:
@@ -118,7 +124,7 @@ class Evaluator:
             if s.rank_size == 0:
                 raise ValueError("search.rank_size must be positive for structured pruning (channels are ranked on "
                                  "those held-out images)")
-            rank_x, rank_y = inputs[s.eval_size :], targets[s.eval_size :]
+            rank_x, rank_y = inputs[s.eval_size : end], targets[s.eval_size : end]
             self.space.rank_channels(
                 [(rank_x[i : i + s.batch_size], rank_y[i : i + s.batch_size]) for i in range(0, len(rank_x), s.batch_size)]
             )
@@ -126,7 +132,7 @@ class Evaluator:
 
     def evaluate(self, x: Any) -> dict[str, float]:
         """Accuracy (percent, held-out images) and predicted cost of candidate ``x``."""
-        accuracy = self.space.accuracy(x, self.inputs, self.targets, self.batch_size)
+        accuracy = self.space.accuracy(x, self.inputs, self.targets, self.batch_size, calibration=self.calibration)
         return {"accuracy": accuracy, "cost": float(self.space.predict_cost(x)), "base_cost": float(self.base_cost)}
 
 

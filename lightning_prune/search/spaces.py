@@ -46,13 +46,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_prune.core.cost import CostModel, count_cost
 from lightning_prune.core.cost.latency import LATENCY, LatencyTable, check_latency_option
@@ -121,6 +122,39 @@ def top1(model: nn.Module, inputs: Tensor, targets: Tensor, batch_size: int = 50
     finally:
         model.train(was)
     return 100.0 * correct / len(inputs)
+
+
+@contextlib.contextmanager
+def recalibrated_batch_norm(model: nn.Module, images: Tensor, batch_size: int = 500) -> Iterator[None]:
+    """Within the block, every batch norm of ``model`` uses running statistics re-estimated on
+    ``images`` (a forward pass with the batch norms alone in training mode, cumulative average)
+    for the network as it computes now, e.g. with channels masked: adaptive batch norm (Li, Wang,
+    Wang, Zhang and Lin, "EagleEye: Fast Sub-net Evaluation for Efficient Neural Network
+    Pruning", ECCV 2020, arXiv:2007.02491), after which the accuracy of a pruned candidate
+    predicts its accuracy after fine-tuning far better. The statistics, momenta and modes are
+    restored on exit."""
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    saved = [(m.training, m.momentum, {k: b.clone() for k, b in m.named_buffers(recurse=False)}) for m in norms]
+    was = model.training
+    try:
+        model.eval()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average over the calibration batches
+            m.train()
+        with torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                model(images[start : start + batch_size])
+        for m in norms:
+            m.eval()
+        yield
+    finally:
+        for m, (training, momentum, buffers) in zip(norms, saved):
+            m.momentum = momentum
+            for k, b in buffers.items():
+                getattr(m, k).copy_(b)
+            m.train(training)
+        model.train(was)
 
 
 class CompressionSpace:
@@ -447,10 +481,16 @@ class CompressionSpace:
             self.gates = None
         self._current = None
 
-    def accuracy(self, x: Any, inputs: Tensor, targets: Tensor, batch_size: int = 500) -> float:
-        """Top-1 accuracy in percent of the compressed model ``x`` on ``inputs`` (no rebuild)."""
+    def accuracy(self, x: Any, inputs: Tensor, targets: Tensor, batch_size: int = 500,
+                 calibration: Tensor | None = None) -> float:
+        """Top-1 accuracy in percent of the compressed model ``x`` on ``inputs`` (no rebuild);
+        with ``calibration`` images, after re-estimating the batch-norm statistics on them for
+        ``x`` (:func:`recalibrated_batch_norm`; the loaded model's are restored)."""
         self.apply(x)
-        return top1(self.model, inputs, targets, batch_size)
+        if calibration is None or len(calibration) == 0:
+            return top1(self.model, inputs, targets, batch_size)
+        with recalibrated_batch_norm(self.model, calibration, batch_size):
+            return top1(self.model, inputs, targets, batch_size)
 
     # --- the real compressed model ------------------------------------------------------------------
     def _bare_copy(self) -> nn.Module:
