@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from lightning_prune.bench import METHODS, BudgetExceeded, dense, prune, report, result_path
 from lightning_prune.bench.report import BEGIN, END, residual_table
 from lightning_prune.bench import methods as bench_methods
+from lightning_prune.bench import runner as bench_runner
 from lightning_prune.bench import training as bench_training
 from lightning_prune.bench.runner import partial_dir
 from lightning_prune.configs import config_dir
@@ -68,6 +69,30 @@ def test_adans_fills_the_budget_and_scores_with_recalibrated_batch_norm(folder: 
     result = prune(cfg)
     assert 0.97 * result["budget"] <= result["macs"] <= result["budget"]  # every candidate spends the budget
     assert result["method_config"]["calibration_size"] == 32 and result["method_config"]["fill_budget"]
+
+
+def test_adans_finalists_are_fine_tuned_before_one_is_chosen(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    epochs = []
+    original = bench_methods.fit
+    monkeypatch.setattr(bench_methods, "fit", lambda cfg, dm, net, recipe, n, *a, **k: epochs.append(n) or original(cfg, dm, net, recipe, n, *a, **k))
+    toy_size = bench_runner.toy_size
+
+    def three_epochs(cfg: DictConfig) -> None:  # toy size, with 3 epochs after the dense network
+        toy_size(cfg)
+        cfg.task.prune.epochs = 3
+
+    monkeypatch.setattr(bench_runner, "toy_size", three_epochs)
+    cfg = bench_cfg(folder, "task=lenet5_mnist", "method=adans", "budget.factor=4", "variant=finalists",
+                    "method.finalists=2", "method.finalist_epochs=1")
+    result = prune(cfg)
+    assert epochs == [1, 1, 1]  # two trials, then the winner's last epoch
+    finalists = result["info"]["finalists"]
+    assert len(finalists) == 2 and finalists[0]["x"] != finalists[1]["x"]
+    chosen = result["info"]["finalist_chosen"]
+    assert finalists[chosen]["tuned_accuracy"] == max(f["tuned_accuracy"] for f in finalists)
+    assert result["macs"] <= result["budget"]
+    with pytest.raises(ValueError, match=r"method.finalists \* method.finalist_epochs \(3 \* 1\) must be"):
+        prune(bench_cfg(folder, "task=lenet5_mnist", "method=adans", "budget.factor=4", "variant=three", "method.finalists=3"))
 
 
 def test_a_finished_run_is_skipped_and_over_budget_is_an_error(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:

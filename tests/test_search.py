@@ -415,6 +415,20 @@ def test_compression_search_end_to_end() -> None:
     assert 12.0 < best["score"] <= 10 * math.exp(0.275) + 1e-9
 
 
+def test_compression_search_top_lists_the_best_distinct_points() -> None:
+    toy = ToyModel()
+    search = CompressionSearch(toy.space, "gaussian", batch_size=6, iterations=3, threshold=60.0, boundary_steps=None,
+                               seed=0)
+    search.run(toy)
+    top = search.top(4)
+    assert top[0] == search.best() and len(top) == 4
+    assert [t["score"] for t in top] == sorted(search.ada.scores, reverse=True)[:4]
+    assert len({tuple(t["x"]) for t in top}) == 4
+    assert len(search.top(1000)) == len({tuple(x) for x in search.ada.xs.tolist()})
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        search.top(0)
+
+
 def test_compression_search_budget_repair() -> None:
     toy = ToyModel()
     search = CompressionSearch(toy.space, "genetic", batch_size=10, iterations=4, threshold=60.0, boundary_steps=None,

@@ -174,8 +174,12 @@ def adans(run: Run) -> nn.Module:
     (structured pruning), every candidate repaired to the budget and scored on held-out images
     without training (with ``calibration_size`` > 0, after re-estimating its batch-norm
     statistics on that many other held-out images); the best candidate is built and fine-tuned
-    for all the epochs."""
+    for all the epochs. With ``finalists`` k > 1, the k best candidates are each fine-tuned
+    for ``finalist_epochs`` and scored again on the same held-out images; the best of them
+    trains on for the epochs left (the k trials count against the method's epochs, so the
+    winner gets ``epochs - (k - 1) * finalist_epochs`` in all, the schedule restarted)."""
     from lightning_prune.search import CompressionSearch, CompressionSpace
+    from lightning_prune.search.spaces import top1
 
     m = run.cfg.method
     net = copy.deepcopy(run.dense).eval()
@@ -197,8 +201,22 @@ def adans(run: Run) -> nn.Module:
     )
     best = search.run(lambda xs: [{"accuracy": accuracy(x), "cost": float(space.predict_cost(x))} for x in xs])
     run.info.update(search_reference_accuracy=reference, search_best=best, evaluations=len(search.log))
-    compressed = space.compress(best["x"])
-    return fit(run.cfg, run.datamodule, compressed, run.cfg.task.prune, run.epochs)
+    finalists, trial = int(m.finalists), int(m.finalist_epochs)
+    if finalists == 1:
+        return fit(run.cfg, run.datamodule, space.compress(best["x"]), run.cfg.task.prune, run.epochs)
+    if trial < 1 or finalists * trial >= run.epochs:
+        raise ValueError(f"method.finalists * method.finalist_epochs ({finalists} * {trial}) must be at least 1 and less "
+                         f"than the {run.epochs} epochs: the winner trains on for the epochs left")
+    tried = []
+    for candidate in search.top(finalists):
+        net = fit(run.cfg, run.datamodule, space.compress(candidate["x"]), run.cfg.task.prune, trial)
+        tuned = top1(net, inputs[:eval_size], targets[:eval_size])
+        tried.append((tuned, net))
+        run.info.setdefault("finalists", []).append({"x": candidate["x"], "search_accuracy": candidate["accuracy"],
+                                                     "tuned_accuracy": tuned})
+    winner = max(range(finalists), key=lambda i: tried[i][0])  # the first of equals: the better search score
+    run.info["finalist_chosen"] = winner
+    return fit(run.cfg, run.datamodule, tried[winner][1], run.cfg.task.prune, run.epochs - finalists * trial)
 
 
 # -- Torch-Pruning's pruners, through its public API ----------------------------------------------

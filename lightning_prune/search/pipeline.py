@@ -279,6 +279,24 @@ class CompressionSearch:
         x, f, info = self.ada.best()
         return {"x": [float(v) for v in x], "score": f, **info}
 
+    def top(self, k: int) -> list[dict[str, Any]]:
+        """The ``k`` best distinct points of the AdaNS phase, best first (as :meth:`best`)."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        if len(self.ada.scores) == 0:
+            raise RuntimeError("no point has been evaluated yet")
+        out: list[dict[str, Any]] = []
+        seen: set[tuple[float, ...]] = set()
+        for i in np.argsort(-self.ada.scores, kind="stable"):
+            key = _key(self.ada.xs[i])
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append({"x": [float(v) for v in self.ada.xs[i]], "score": float(self.ada.scores[i]), **self.ada.infos[i]})
+            if len(out) == k:
+                break
+        return out
+
     def status(self) -> dict[str, Any]:
         """Phase, iteration, evaluations, and (during the search) the best so far and alpha_t."""
         out: dict[str, Any] = {"phase": self.phase, "iteration": self.ada.iteration, "evaluations": len(self.log)}
