@@ -180,33 +180,58 @@ def summary(rows: Iterable[Mapping[str, Any]]) -> str:
     return "\n".join(out)
 
 
+COST_MARKERS = {"macs": "o", "volume": "s", "params": "D", "latency": "^"}
+
+
 def plot(rows: Iterable[Mapping[str, Any]], folder: Path) -> list[Path]:
-    """Per task: test accuracy against MACs (log axis), mean over seeds per method and budget,
-    with the published points; saved as ``bench_<task>.png`` in ``folder``."""
+    """Per task: test accuracy against MACs (log axis) of every method's own rows (variants are
+    in the tables), mean over seeds per budget, one line per method and kind of budget (marker:
+    the kind), with the published points; saved as ``bench_<task>.png`` in ``folder``. For
+    ResNet-20, Torch-Pruning's ResNet-56 rows are drawn as their accuracy drop from their dense
+    network, applied to this task's dense network at their MAC reduction (a labelled reference:
+    another network)."""
     by_task: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for r in rows:
         by_task[r["task"]].append(r)
     paths = []
     plt = pyplot()
+    from matplotlib.lines import Line2D
+
+    colors = plt.get_cmap("tab10").colors
     for task, task_rows in sorted(by_task.items()):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        points: dict[str, dict[float, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        points: dict[str, dict[str, dict[float, list[tuple[float, float]]]]] = defaultdict(
+            lambda: defaultdict(lambda: defaultdict(list)))
         for r in task_rows:
-            points[r["method"]][float(r["budget"])].append((r["macs"], r["test_accuracy"]))
-        for method in sorted(points, key=_order):
-            xy = sorted((statistics.mean(p[0] for p in ps), statistics.mean(p[1] for p in ps)) for ps in points[method].values())
-            ax.plot([p[0] for p in xy], [p[1] for p in xy], marker="o", label=method)
+            if "+" not in r["method"]:
+                points[r["method"]][r["cost"]][float(r["budget"])].append((r["macs"], r["test_accuracy"]))
+        handles = []
+        for i, method in enumerate(sorted(points, key=_order)):
+            color = colors[i % len(colors)]
+            for cost, budgets in sorted(points[method].items()):
+                xy = sorted((statistics.mean(p[0] for p in ps), statistics.mean(p[1] for p in ps)) for ps in budgets.values())
+                ax.plot([p[0] for p in xy], [p[1] for p in xy], marker=COST_MARKERS.get(cost, "o"), color=color)
+            handles.append(Line2D([], [], color=color, label=method + (" (masks only)" if method in ("lightning_l1",) else "")))
         dense = statistics.mean(r["dense_test_accuracy"] for r in task_rows)
-        ax.axhline(dense, color="grey", linestyle=":", label=f"dense ({dense:.2f}%)")
-        for label, acc, macs in PUBLISHED.get(task, []):
+        handles.append(ax.axhline(dense, color="black", linestyle=":", label=f"dense ({dense:.2f}%)"))
+        for k, (label, acc, macs) in enumerate(PUBLISHED.get(task, [])):
             ax.scatter([macs], [acc], marker="x", color="black")
-            ax.annotate(label, (macs, acc), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(label, (macs, acc), fontsize=6, xytext=(0.5, 0.6 - 0.05 * k), textcoords="axes fraction",
+                        arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"})  # a list: the points are close
+        if task.startswith("resnet20"):
+            full = statistics.mean(r["full"]["macs"] for r in task_rows)
+            for name, base, pruned, speedup in TORCH_PRUNING_RESNET56:
+                ax.scatter([full / speedup], [dense - (base - pruned)], marker="x", color="black")
+                ax.annotate(f"TP {name}, ResNet-56 drop", (full / speedup, dense - (base - pruned)), fontsize=6,
+                            xytext=(-95, 4 if name.endswith("BN") else -10), textcoords="offset points")
+        kinds = sorted({r["cost"] for r in task_rows})
         ax.set_xscale("log")
         ax.set_xlabel("MACs per image (log)")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{task}: accuracy against MACs (x: published, their counts)")
+        ax.set_title(f"{task}: accuracy against MACs; budgets: "
+                     + ", ".join(f"{k} ({COST_MARKERS.get(k, 'o')})" for k in kinds) + "; x: published", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(handles=handles, fontsize=7)
         paths.append(save_figure(fig, folder / f"bench_{task}.png"))
     return paths
 
