@@ -202,6 +202,7 @@ def plot(rows: Iterable[Mapping[str, Any]], folder: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
         points: dict[str, dict[str, dict[float, list[tuple[float, float]]]]] = defaultdict(
             lambda: defaultdict(lambda: defaultdict(list)))
+        masks_only = {r["method"] for r in task_rows if r["reference"]}
         for r in task_rows:
             if "+" not in r["method"]:
                 points[r["method"]][r["cost"]][float(r["budget"])].append((r["macs"], r["test_accuracy"]))
@@ -211,7 +212,7 @@ def plot(rows: Iterable[Mapping[str, Any]], folder: Path) -> list[Path]:
             for cost, budgets in sorted(points[method].items()):
                 xy = sorted((statistics.mean(p[0] for p in ps), statistics.mean(p[1] for p in ps)) for ps in budgets.values())
                 ax.plot([p[0] for p in xy], [p[1] for p in xy], marker=COST_MARKERS.get(cost, "o"), color=color)
-            handles.append(Line2D([], [], color=color, label=method + (" (masks only)" if method in ("lightning_l1",) else "")))
+            handles.append(Line2D([], [], color=color, label=method + (" (masks only)" if method in masks_only else "")))
         dense = statistics.mean(r["dense_test_accuracy"] for r in task_rows)
         handles.append(ax.axhline(dense, color="black", linestyle=":", label=f"dense ({dense:.2f}%)"))
         for k, (label, acc, macs) in enumerate(PUBLISHED.get(task, [])):

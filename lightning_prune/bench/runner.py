@@ -143,10 +143,10 @@ def dense(cfg: DictConfig) -> dict[str, Any]:
     datamodule = _datamodule(cfg)
     net = instantiate(cfg.task.model, num_classes=datamodule.num_classes)
     source = cfg.get("dense_from")
+    if source and not Path(source).is_file():
+        raise FileNotFoundError(f"dense_from: no file {source}")
     with _resumable(cfg, path, started) as checkpoints:
         if source:  # trained elsewhere (e.g. on a GPU, or by lightning-prune's train entry point)
-            if not Path(source).is_file():
-                raise FileNotFoundError(f"dense_from: no file {source}")
             load_network_weights(net, source)
         else:
             net = fit(cfg, datamodule, net, cfg.task.dense, int(cfg.task.dense.epochs))

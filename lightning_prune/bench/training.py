@@ -77,7 +77,7 @@ _ACTIVE: contextvars.ContextVar[RunCheckpoints | None] = contextvars.ContextVar(
 def resumable(directory: Path, config: str, started: float) -> Iterator[RunCheckpoints]:
     """Within this block every :func:`fit` saves and resumes through ``directory``, the run's
     clock started at ``started`` (``time.perf_counter()``). The checkpoints of a run with another
-    ``config`` (the run's resolved configuration as text) are discarded with a warning."""
+    ``config`` (the run's configuration as text) are discarded with a warning."""
     saved = directory / "config.yaml"
     if saved.is_file() and saved.read_text() != config:
         warnings.warn(f"{directory}: checkpoints of a run with another configuration, discarded", stacklevel=3)
@@ -151,7 +151,7 @@ def fit(cfg: DictConfig, datamodule: L.LightningDataModule, net: nn.Module, reci
     written for ``planned`` epochs) and ``callbacks``; return the trained network, exported
     (shrunk, without gates) when a pruning method's callback ran. ``epochs=0`` returns ``net`` as it is.
     Inside :func:`resumable`, training continues from this fit's last saved epoch when there is one
-    (the random streams restart from the run's seed, not from where the killed process was)."""
+    (with the random generators' states saved with it, see :class:`_RunState`)."""
     if epochs == 0:
         return net
     net.train()  # Lightning leaves the modules' mode as it finds it: a network copied in eval mode would train so

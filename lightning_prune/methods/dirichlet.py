@@ -44,7 +44,8 @@ class DirichletSwitches(Method):
     important per unit of marginal cost first, until the budget is met:
 
     - ``allocation="share"``: dropping channel i of group l loses ``log(m_l) - log(m_l - E[s_li])``
-      (``m_l`` the kept posterior mass of the group): the greedy maximises ``sum_l log m_l``;
+      (``m_l`` the kept posterior mass of the group), times the number of layers writing the
+      group's channels: the greedy maximises ``sum_l n_l log m_l``;
     - ``allocation="score"``: the plain score ``K * E[s]`` per unit of cost.
 
     With ``fill``, channels the greedy dropped are then added back, highest ``K * E[s]`` first,
