@@ -70,7 +70,7 @@ def test_penalty_matches_hand_computed_barrier_and_expected_cost():
 
 
 
-@pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("power", [0.0, 0.5, 1.0, 2.0])
 def test_cost_power_spreads_the_cost_penalty_push_by_marginal_cost_to_the_power(power):
     """The push on each gate is its marginal cost to ``cost_power``, and the pushes sum to the
     expected cost's (p = 1: the expected cost's own gradient; p = 0: every gate alike)."""
@@ -100,7 +100,9 @@ def bar_l_s_matches(session: PruningSession) -> bool:
 
 def test_cost_power_is_checked():
     with pytest.raises(ValueError, match="cost_power must be in"):
-        BarrierPenalty(cost_power=1.5)
+        BarrierPenalty(cost_power=3.5)
+    with pytest.raises(ValueError, match="cost_power must be in"):
+        BarrierPenalty(cost_power=-0.5)
     with pytest.raises(ValueError, match="cost_power: only penalty='cost'"):
         BarrierPenalty(penalty="channels", cost_power=0.5)
 

@@ -26,9 +26,10 @@ class BarrierPenalty(Method):
     - ``L_S``: the expected cost under the gates' open probabilities over the full cost
       (``penalty="cost"``), or the expected number of open channels over all channels
       (``penalty="channels"``: every gate is pushed alike and the data loss decides which
-      channels close); with ``cost_power=p`` below 1, the push on each gate is its marginal
-      cost to the power ``p`` instead, scaled so that the push summed over the gates stays that
-      of ``"cost"``: expensive channels are pushed less, cheap ones more (``p = 0``: alike);
+      channels close); with ``cost_power=p``, the push on each gate is its marginal cost to the
+      power ``p`` instead, scaled so that the push summed over the gates stays that of
+      ``"cost"``: below 1 expensive channels are pushed less and cheap ones more (``p = 0``:
+      alike), above 1 the other way round;
     - ``V``: the current cost, counting the alive channels (``z_hat > 0``) exactly;
     - ``f``: the barrier with ``b`` the session's current budget (the target, or its annealed
       value) and ``a = (1 - margin) * B`` (``B`` the target; ``margin_of="target"``) or
@@ -50,7 +51,7 @@ class BarrierPenalty(Method):
             ``"current"``: ``a = (1 - margin) * b(t)``, so it pushes only while the network is
             above the annealed budget and the gates close along the schedule.
         penalty: ``"cost"`` or ``"channels"``.
-        cost_power: with ``penalty="cost"``, the power ``p`` in [0, 1] of every gate's marginal
+        cost_power: with ``penalty="cost"``, the power ``p`` in [0, 3] of every gate's marginal
             cost in its push (above). Under Adam a gate closes when its push outweighs its data
             gradient, i.e. when its importance per unit of cost is lowest: with ``p = 1`` (the
             paper) the most expensive layers are thinned first, sometimes to a width the
@@ -97,8 +98,8 @@ class BarrierPenalty(Method):
             raise ValueError(f"penalty must be 'cost' or 'channels', got {penalty!r}")
         self.penalty = penalty
         self.cost_power = finite_real("cost_power", cost_power)
-        if not 0 <= self.cost_power <= 1:
-            raise ValueError(f"cost_power must be in [0, 1], got {cost_power}")
+        if not 0 <= self.cost_power <= 3:
+            raise ValueError(f"cost_power must be in [0, 3], got {cost_power}")
         if penalty == "channels" and self.cost_power != 1:
             raise ValueError("cost_power: only penalty='cost' weighs the gates by their cost")
         self.gate_lr = finite_real("gate_lr", gate_lr)
