@@ -262,6 +262,103 @@ def test_share_allocation_thins_a_layer_less_the_more_importance_it_has_lost():
         fit_budget(model, "macs", target, {**uniform, "features.0": torch.zeros(20)}, relative=True)
 
 
+def _taylor_session(seed: int = 0):
+    """LeNet-5 under a 16x MAC budget with ``allocation="taylor"`` switches, all acting, the
+    posterior made non-uniform (so the multipliers are not all 1)."""
+    from lightning_prune.core.session import PruningSession
+    from lightning_prune.methods.dirichlet import DirichletSwitches
+
+    torch.manual_seed(seed)
+    method = DirichletSwitches(allocation="taylor")
+    session = PruningSession(LeNet5().train(), method, factor=16, cost="macs", register=False)
+    session.trace(torch.zeros(1, 1, 28, 28))
+    method.learn(session, None)
+    with torch.no_grad():
+        for _, gate in session.gates.items():
+            gate.theta.add_(0.5 * torch.randn_like(gate.theta))
+    return session, method
+
+
+def test_taylor_saliency_is_the_squared_first_order_loss_change_at_each_switch(monkeypatch):
+    """Each backward pass adds (dL/dm * m)^2 per channel, m the switch's multiplier; the
+    saliency is their mean over the passes; with the multiplier scaled by (1 - eps) on one
+    channel the loss changes by -eps * dL/dm * m to first order."""
+    from lightning_prune.methods.dirichlet import _Switch
+
+    session, method = _taylor_session()
+    seen: list[tuple[str, torch.Tensor]] = []
+    forward = _Switch.forward
+
+    def capturing(self):
+        out = forward(self)
+        out.retain_grad()
+        seen.append((next(n for n, g in session.gates.items() if g is self), out))
+        return out
+
+    monkeypatch.setattr(_Switch, "forward", capturing)
+    expected = {n: torch.zeros(g.num_channels, dtype=torch.float64) for n, g in session.gates.items()}
+    for step in range(2):
+        seen.clear()
+        x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+        nn.functional.cross_entropy(session.network(x), y).backward()
+        for name, out in seen:
+            expected[name] += (out.grad.double() * out.detach().double()) ** 2
+    assert {n for n, _ in seen} == set(session.gates)
+    for name, gate in session.gates.items():
+        assert float(gate.saliency_passes) == 2
+        torch.testing.assert_close(gate.saliency_sum, expected[name])
+    saliency = method.saliency(session)
+    torch.testing.assert_close(saliency["features.2"], expected["features.2"] / 2)
+    assert all(bool((s > 0).any()) for s in saliency.values())
+
+    # the first-order meaning of dL/dm * m: scale channel k's output by (1 - eps) by hand
+    monkeypatch.setattr(_Switch, "forward", forward)
+    gate = session.gates["features.0"]
+    with torch.no_grad():
+        m = gate().detach()
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    seen.clear()
+    monkeypatch.setattr(_Switch, "forward", capturing)
+    nn.functional.cross_entropy(session.network(x), y).backward()
+    monkeypatch.setattr(_Switch, "forward", forward)
+    g = dict(seen)["features.0"].grad
+    k, eps = int(torch.argmax((g * m).abs())), 1e-3
+    scale = torch.ones_like(m)
+    scale[k] = 1 - eps
+    handle = session.network.features[0].register_forward_hook(lambda mod, args, out: out * scale.view(1, -1, 1, 1))
+    with torch.no_grad():
+        base = float(nn.functional.cross_entropy(session.network(x), y))
+        handle.remove()
+        handle = session.network.features[0].register_forward_hook(lambda mod, args, out: out * torch.ones_like(scale).view(1, -1, 1, 1))
+        unscaled = float(nn.functional.cross_entropy(session.network(x), y))
+    handle.remove()
+    assert base - unscaled == pytest.approx(-eps * float(g[k] * m[k]), rel=0.05)
+
+
+def test_taylor_allocation_drops_dead_channels_first_and_meets_the_budget():
+    """Channels whose output is always 0 have no saliency and go first; the widths meet the
+    budget exactly as counted; without a backward pass there is nothing to allocate by."""
+    from lightning_prune.methods.dirichlet import DirichletSwitches
+
+    session, method = _taylor_session()
+    with pytest.raises(RuntimeError, match="no backward pass went through the switches of features.0, features.2, classifier.1"):
+        method.keep_masks(session)
+    dead = [1, 4, 7, 11, 15]
+    with torch.no_grad():
+        session.network.features[0].weight[dead] = 0.0
+        session.network.features[0].bias[dead] = 0.0
+    for _ in range(3):
+        x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+        nn.functional.cross_entropy(session.network(x), y).backward()
+    assert bool((method.saliency(session)["features.0"][dead] == 0).all())
+    masks = method.keep_masks(session)
+    assert not bool(masks["features.0"][dead].any())
+    cost = session.cost_model.exact(masks, "macs")
+    assert cost <= 2_293_000 / 16 and cost > 0.97 * 2_293_000 / 16  # fill spends the budget
+    with pytest.raises(RuntimeError, match="allocation='taylor' only"):
+        DirichletSwitches().saliency(session)
+
+
 @pytest.mark.parametrize("residual", ["tied", "mixed"])
 def test_share_allocation_weighs_a_residual_stream_as_the_layers_that_write_it(residual: str):
     """A ResNet stage's stream is written by 4 layers (the stem or projection and 3 blocks): its
@@ -347,8 +444,8 @@ def ddp_run(out: str, devices: int) -> None:
     L.seed_everything(0)
     module = ForeignModule(batch_norm=False)
     switches = DirichletImportance(factor=4, cost="macs", layerwise=True, epochs=1, kl_weight=1e-3, example_input=TINY,
-                                   verbose=False)
-    t = trainer(devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=6, callbacks=[switches],
+                                   verbose=False, allocation="taylor")
+    t = trainer(devices=devices, strategy="ddp" if devices > 1 else "auto", max_epochs=1, callbacks=[switches],
                 use_distributed_sampler=False)
     loader = tiny_loader(32 // devices, n=256)
     if devices > 1:  # rank r takes samples r, r+2, ...: each step's two halves make the single run's batch
@@ -374,8 +471,16 @@ def test_ddp_two_cpu_processes_match_one_process_and_keep_the_weights_frozen(tmp
     L.seed_everything(0)
     start = ForeignModule(batch_norm=False).state_dict()
     assert ref.keys() == ranks[0].keys()
+    saliency = [k for k in ref if ".saliency_" in k]
+    assert len(saliency) == 4  # a sum and a pass count per group
     for key in ref:
-        assert torch.equal(ranks[0][key], ranks[1][key]), key  # ranks stay in sync
+        assert torch.equal(ranks[0][key], ranks[1][key]), key  # ranks stay in sync (the saliency: summed over them)
+        if key.endswith(".saliency_passes"):
+            assert float(ranks[0][key]) == 2 * float(ref[key]) == 8, key  # 4 steps per group, on each of 2 ranks
+            continue
+        if key.endswith(".saliency_sum"):  # each rank squares its own half batch's derivative
+            assert bool((ranks[0][key] > 0).any()) and bool((ref[key] > 0).any()), key
+            continue
         assert torch.allclose(ranks[0][key], ref[key], atol=1e-5), key  # same as one process
         if key.endswith(".theta"):
             assert not torch.equal(ref[key], torch.full_like(ref[key], float(THETA0))), key  # both groups learned

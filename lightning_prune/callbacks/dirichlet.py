@@ -84,7 +84,12 @@ class DirichletImportance(GatedPruning):
     - ``"score"``: the plain score ``K * E[s]`` (1 for every channel of a uniform switch, so
       comparable across widths) per unit of cost. Cost then dominates: on LeNet-5 under a MAC
       budget it empties the convolutions (1 channel left) before touching the cheap 500 fc
-      units, see benchmarks/RESULTS.md.
+      units, see benchmarks/RESULTS.md;
+    - ``"taylor"``: the channel's first-order saliency, the mean over the switch phase's
+      backward passes of ``(dL/dm * m)^2`` with ``m = K * E[s]`` its multiplier (Molchanov et
+      al., CVPR 2019, arXiv:1906.10771, eq. 8, taken at the switch), per unit of cost; in loss
+      units, so layers compare directly (within a group too the order is the saliency's).
+      Under DDP the ranks' sums are added at the end of the switch phase.
 
     ``widths`` (a ``{group: channels}`` mapping, or a list in group order given to
     HardPruning) keeps the top channels by posterior mean instead.
@@ -105,8 +110,8 @@ class DirichletImportance(GatedPruning):
         freeze_weights: the user's optimizers change nothing during the switch phase.
         layerwise: learn one group's switches at a time instead of all jointly.
         init: initial Dirichlet concentration of every switch (uniform, so the identity).
-        allocation: ``"share"`` or ``"score"``: how channels of different groups are compared
-            when choosing the widths under the budget (above).
+        allocation: ``"share"``, ``"score"`` or ``"taylor"``: how channels of different groups
+            are compared when choosing the widths under the budget (above).
         fill: after the greedy, add dropped channels back (highest posterior mean first)
             while the network stays under the budget: it spends what the last, overshooting
             drops left.
@@ -334,6 +339,9 @@ class DirichletImportance(GatedPruning):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not (self.active and self.in_switch_phase(trainer.current_epoch)):
             return
+        if self.end_epoch is not None and trainer.current_epoch == self.end_epoch - 1:
+            # every rank recorded the saliency of its own batches: sum them so the ranks allocate alike
+            self.method.reduce_saliency(self.session, lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
         if self.verbose and self.end_epoch is not None and trainer.current_epoch == self.end_epoch - 1:
             rank_zero_info(
                 "DirichletImportance: learned importance K * E[s] (min / max) per group: "

@@ -4,7 +4,7 @@ switches learned by variational inference, then widths allocated under the budge
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -22,18 +22,39 @@ __all__ = ["DirichletSwitches"]
 
 class _Switch(DirichletSwitch):
     """A :class:`DirichletSwitch` that can be held at the identity: before and after the switch
-    phase, and layer by layer while another group learns."""
+    phase, and layer by layer while another group learns.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    With ``saliency=True`` every backward pass through the acting switch adds, per channel,
+    ``(dL/dm_k * m_k)^2`` to ``saliency_sum`` (``m = K * s`` the multiplier, ``dL/dm_k`` summed
+    over the batch): the squared first-order change of the loss if channel k's multiplier went
+    to 0, Molchanov et al.'s Taylor criterion (arXiv:1906.10771, eq. 8) taken at the switch.
+    ``saliency_passes`` counts the passes. Both are buffers, so checkpoints keep them."""
+
+    saliency_sum: Tensor
+    saliency_passes: Tensor
+
+    def __init__(self, *args: Any, saliency: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.identity = True
+        if saliency:
+            self.register_buffer("saliency_sum", torch.zeros(self.num_channels, dtype=torch.float64))
+            self.register_buffer("saliency_passes", torch.zeros((), dtype=torch.float64))
 
     def forward(self) -> Tensor:
         if self.identity:
             # Exactly 1; theta stays in the graph (with a zero gradient) so that DDP sees
             # every gate parameter used in every step.
             return torch.ones_like(self.theta) + 0.0 * self.theta
-        return super().forward()
+        multiplier = super().forward()
+        if hasattr(self, "saliency_sum") and self.training and multiplier.requires_grad:
+            value = multiplier.detach()
+            multiplier.register_hook(lambda grad: self._record(grad, value))
+        return multiplier
+
+    @torch.no_grad()
+    def _record(self, grad: Tensor, value: Tensor) -> None:
+        self.saliency_sum += (grad.detach().double() * value.double()).square()
+        self.saliency_passes += 1
 
 
 class DirichletSwitches(Method):
@@ -46,17 +67,23 @@ class DirichletSwitches(Method):
     - ``allocation="share"``: dropping channel i of group l loses ``log(m_l) - log(m_l - E[s_li])``
       (``m_l`` the kept posterior mass of the group), times the number of layers writing the
       group's channels: the greedy maximises ``sum_l n_l log m_l``;
-    - ``allocation="score"``: the plain score ``K * E[s]`` per unit of cost.
+    - ``allocation="score"``: the plain score ``K * E[s]`` per unit of cost;
+    - ``allocation="taylor"``: the switch's first-order saliency per unit of cost: the mean over
+      the switch phase's backward passes of ``(dL/dm_k * m_k)^2``, ``m = K * E[s]`` (Molchanov,
+      Mallya, Tyree, Frosio and Kautz, "Importance Estimation for Neural Network Pruning", CVPR
+      2019, arXiv:1906.10771, eq. 8, at the switch instead of a batch-norm scale). It is in loss
+      units, so channels of different layers compare directly, and it weighs each channel by
+      its learned multiplier; the posterior's share of one layer says nothing about another.
 
-    With ``fill``, channels the greedy dropped are then added back, highest ``K * E[s]`` first,
-    while the network stays under the budget (the last channels dropped can overshoot it by
-    a whole convolution channel's cost).
+    With ``fill``, channels the greedy dropped are then added back, highest score first (``K *
+    E[s]``, or the saliency with ``"taylor"``), while the network stays under the budget (the
+    last channels dropped can overshoot it by a whole convolution channel's cost).
 
     Args:
         alpha0: concentration of the symmetric Dirichlet prior.
         estimator: ``"mean"`` (the posterior mean) or ``"gamma"`` (reparameterised samples).
         init: initial concentration of every switch.
-        allocation: ``"share"`` or ``"score"``.
+        allocation: ``"share"``, ``"score"`` or ``"taylor"``.
         fill: spend what the greedy left of the budget (above).
         gate_lr: learning rate of the switches' Adam optimizer.
         kl_scale: weight of the KL term (``None`` until the caller sets it, e.g. 1 / N samples).
@@ -66,7 +93,7 @@ class DirichletSwitches(Method):
     """
 
     name = "dirichlet"
-    ALLOCATIONS = ("share", "score")
+    ALLOCATIONS = ("share", "score", "taylor")
 
     def __init__(self, alpha0: float = 0.5, estimator: str = "mean", init: float = 1.0, allocation: str = "share",
                  fill: bool = True, gate_lr: float = 0.1, kl_scale: float | None = None, residual: str = "tied") -> None:
@@ -96,7 +123,7 @@ class DirichletSwitches(Method):
         self.learning_groups: tuple[str, ...] = ()
 
     def make_gate(self, group: ChannelGroup) -> ChannelGate:
-        return _Switch(group.size, alpha0=self.alpha0, estimator=self.estimator, init=self.init)
+        return _Switch(group.size, alpha0=self.alpha0, estimator=self.estimator, init=self.init, saliency=self.allocation == "taylor")
 
     def make_optimizer(self, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=self.gate_lr)
@@ -132,7 +159,37 @@ class DirichletSwitches(Method):
             raise RuntimeError("DirichletSwitches: no switches (not traced yet, or hardened)")
         return {n: (g.posterior_mean() * g.num_channels).detach().cpu() for n, g in session.gates.items()}
 
+    def saliency(self, session: PruningSession) -> dict[str, Tensor]:
+        """``{group: mean (dL/dm * m)^2}`` per channel over the switch phase's backward passes
+        (``allocation="taylor"`` only; under DDP, after :meth:`reduce_saliency`)."""
+        if self.allocation != "taylor":
+            raise RuntimeError(f"DirichletSwitches: the saliency is recorded with allocation='taylor' only, not {self.allocation!r}")
+        if session.gates is None:
+            raise RuntimeError("DirichletSwitches: no switches (not traced yet, or hardened)")
+        unseen = [n for n, g in session.gates.items() if float(g.saliency_passes) == 0]
+        if unseen:
+            raise RuntimeError(
+                "allocation='taylor': no backward pass went through the switches of " + ", ".join(unseen)
+                + " (the switch phase had no training step for them)"
+            )
+        return {n: (g.saliency_sum / g.saliency_passes).cpu() for n, g in session.gates.items()}
+
+    def reduce_saliency(self, session: PruningSession, reduce: Callable[[Tensor], Tensor]) -> None:
+        """Replace every switch's saliency sums by ``reduce`` of them (a sum over processes
+        under DDP, so that every rank allocates the same widths); call it on every rank once
+        the switch phase has ended."""
+        if self.allocation != "taylor" or session.gates is None:
+            return
+        for _, gate in session.gates.items():
+            gate.saliency_sum.copy_(reduce(gate.saliency_sum))
+            gate.saliency_passes.copy_(reduce(gate.saliency_passes))
+
     def keep_masks(self, session: PruningSession) -> dict[str, Tensor]:
-        model, cost, target, scores = session.cost_model, session.cost, session.budget.target, self.scores(session)
+        model, cost, target = session.cost_model, session.cost, session.budget.target
+        if self.allocation == "taylor":
+            scores = self.saliency(session)
+            masks = fit_budget(model, cost, target, scores).masks
+            return fill_budget(model, cost, target, scores, masks).masks if self.fill else masks
+        scores = self.scores(session)
         masks = fit_budget(model, cost, target, scores, relative=self.allocation == "share").masks
         return fill_budget(model, cost, target, scores, masks).masks if self.fill else masks
