@@ -66,6 +66,28 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     return datamodule, module, trainer
 
 
+def pretrain(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataModule) -> str:
+    """``pretrain_epochs`` > 0: train the dense network in a fit of its own (the configured
+    trainer, optimizer and scheduler, no callbacks, logs beside the main fit's), so the pruning
+    callbacks of the main fit start from a trained network and distil from it. Skipped when
+    resuming (``ckpt_path``: the checkpoint holds the weights and the teacher). Returns what the
+    report says about it ("" when nothing was trained)."""
+    epochs = cfg.get("pretrain_epochs") or 0
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"pretrain_epochs must be an integer >= 0, got {epochs!r}")
+    if epochs == 0 or cfg.get("ckpt_path"):
+        return ""
+    trainer = instantiate(cfg.trainer, max_epochs=epochs, callbacks=[], enable_checkpointing=False,
+                          logger=_instantiate_dict(cfg.get("logger")) or False)
+    trainer.fit(module, datamodule=datamodule)
+    if cfg.get("test"):
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        accuracy = trainer.callback_metrics.get("test/acc")
+        if accuracy is not None:
+            return f"{100 * float(accuracy):.2f}% test accuracy after {epochs} epoch(s) of training, before pruning"
+    return f"trained for {epochs} epoch(s) before pruning"
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train (and test) as the config says; return the final metrics as floats (plus ``macs``
     and ``params`` of the final network). With a pruning method configured, the pruned
@@ -82,6 +104,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
         )
     if cfg.get("init_from"):
         load_network_weights(module.net, cfg.init_from)
+    for callback in trainer.callbacks:
+        if isinstance(callback, HardPruning):  # a schedule that never prunes fails before any training
+            callback.setup(trainer, module, "fit")
+    pretrained = pretrain(cfg, module, datamodule)
     example = torch.zeros(1, *datamodule.input_shape)
     pruned = any(isinstance(c, GatedPruning) for c in trainer.callbacks)
     dense = copy.deepcopy(module.net).cpu() if pruned else None
@@ -108,6 +134,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     lines = ["", "=== lightning-prune report ===", f"model          : {type(final).__name__} on {getattr(datamodule, 'name', '')}"]
     if "test/acc" in metrics:
         lines.append(f"test accuracy  : {100 * metrics['test/acc']:.2f}%  (error {100 * (1 - metrics['test/acc']):.2f}%)")
+    if pretrained:
+        lines.append(f"dense network  : {pretrained}")
     if dense is not None:
         before = count_cost(dense, example)
         path = out_dir / "pruned_model.pt"

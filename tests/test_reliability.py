@@ -188,7 +188,7 @@ def test_a_run_that_stops_before_hard_pruning_warns_and_export_refuses_it() -> N
 def test_the_cli_fails_without_a_pruned_file_when_the_run_ends_before_pruning(tmp_path: Path, data_dir: Path) -> None:
     from tests.conftest import compose_train
 
-    cfg = compose_train(["trainer.max_epochs=2", "pruning.prune_epoch=2", "data.subset=256"], tmp_path)
+    cfg = compose_train(["trainer.max_epochs=2", "pruning.prune_epoch=2", "data.subset=256"], tmp_path)  # found before pretraining
     with pytest.raises(ValueError, match="at_epoch: hard pruning at epoch 2 never happens in a run of max_epochs=2"):
         run(cfg)
     assert not list(tmp_path.rglob("pruned_model.pt"))
@@ -197,7 +197,7 @@ def test_the_cli_fails_without_a_pruned_file_when_the_run_ends_before_pruning(tm
 def test_the_cli_fails_without_a_pruned_file_when_the_run_stops_early(tmp_path: Path, data_dir: Path) -> None:
     from tests.conftest import compose_train
 
-    cfg = compose_train(["trainer.max_epochs=3", "pruning.prune_epoch=2", "data.subset=256", "test=false",
+    cfg = compose_train(["trainer.max_epochs=3", "pruning.prune_epoch=2", "data.subset=256", "test=false", "pretrain_epochs=0",
                          "+callbacks.stop._target_=tests.test_reliability.StopAfterFirstEpoch"], tmp_path)
     with pytest.raises(RuntimeError, match="ended in epoch 1 before hard pruning at epoch 2 .* no pruned_model.pt"):
         run(cfg)

@@ -87,7 +87,7 @@ def test_main_job_prunes_lenet5_to_the_mac_budget_and_exports_it(tmp_path, data_
     from lightning_prune import count_cost, load_pruned
 
     cfg = compose_train(
-        ["pruning.prune_epoch=1", "trainer.max_epochs=2", "scheduler.milestones=[1]", "data.subset=1024",
+        ["pretrain_epochs=1", "pruning.prune_epoch=1", "trainer.max_epochs=2", "scheduler.milestones=[1]", "data.subset=2048",
          "trainer.limit_val_batches=1", "trainer.limit_test_batches=2", "data.eval_batch_size=256"], tmp_path
     )
     assert cfg.task_name == "bar_lenet5_mnist" and cfg.budget.factor == 16 and cfg.budget.cost == "macs"
@@ -95,6 +95,9 @@ def test_main_job_prunes_lenet5_to_the_mac_budget_and_exports_it(tmp_path, data_
     assert metrics["macs"] <= 2_293_000 / 16
     out = capsys.readouterr().out
     assert "MACs / image   : 2,293,000 -> " in out and "CPU speedup" in out and "widths" in out
+    # the dense network was trained first (a fit of its own), then pruned
+    dense = re.search(r"dense network  : ([0-9.]+)% test accuracy after 1 epoch\(s\) of training, before pruning", out)
+    assert dense is not None and float(dense.group(1)) > 50, out
     pruned = load_pruned(tmp_path / "pruned_model.pt")
     assert count_cost(pruned, torch.zeros(1, 1, 28, 28)).macs == metrics["macs"]
 
@@ -174,6 +177,15 @@ def test_init_from_loads_a_lightning_checkpoint_or_a_state_dict(tmp_path):
         load_network_weights(LeNet5(), tmp_path / "c.ckpt")
 
 
+def test_the_main_job_trains_the_dense_network_first_and_checks_pretrain_epochs(tmp_path, data_dir):
+    cfg = compose_train([], tmp_path)
+    assert cfg.pretrain_epochs == 8 and cfg.pruning.bar.distillation and cfg.pruning.bar.distill_fine_tuning
+    for bad in ("-1", "1.5", "true"):
+        cfg = compose_train([f"pretrain_epochs={bad}", *FAST], tmp_path)
+        with pytest.raises(ValueError, match="pretrain_epochs must be an integer >= 0"):
+            run(cfg)
+
+
 def test_run_starts_from_init_from(tmp_path, data_dir):
     cfg = compose_train(["experiment=lenet5_mnist", f"init_from={tmp_path / 'missing.ckpt'}", *FAST[:3]], tmp_path)
     with pytest.raises(FileNotFoundError, match="init_from: no file"):
@@ -181,9 +193,10 @@ def test_run_starts_from_init_from(tmp_path, data_dir):
 
 
 def test_removing_the_pruning_group_trains_the_dense_network(tmp_path, data_dir, capsys):
-    # the experiment keeps its own `pruning.prune_epoch` key, but no pruning callback remains
+    # the experiment keeps its own `pruning.*` keys (prune_epoch, BAR's settings), but no
+    # pruning callback remains: nothing there has a _target_
     cfg = compose_train(["experiment=bar_lenet5_mnist", "~pruning", *FAST], tmp_path)
-    assert "bar" not in cfg.pruning
+    assert not any("_target_" in node for node in cfg.pruning.values() if hasattr(node, "keys"))
     metrics = run(cfg)
     assert metrics["macs"] == 2_293_000 and not (tmp_path / "pruned_model.pt").exists()
     assert "CPU speedup" not in capsys.readouterr().out
