@@ -279,8 +279,8 @@ def _taylor_session(seed: int = 0):
     return session, method
 
 
-def test_taylor_saliency_is_the_squared_first_order_loss_change_at_each_switch(monkeypatch):
-    """Each backward pass adds (dL/dm * m)^2 per channel, m the switch's multiplier; the
+def test_taylor_saliency_is_the_size_of_the_first_order_loss_change_at_each_switch(monkeypatch):
+    """Each backward pass adds |dL/dm * m| per channel, m the switch's multiplier; the
     saliency is their mean over the passes; with the multiplier scaled by (1 - eps) on one
     channel the loss changes by -eps * dL/dm * m to first order."""
     from lightning_prune.methods.dirichlet import _Switch
@@ -302,7 +302,7 @@ def test_taylor_saliency_is_the_squared_first_order_loss_change_at_each_switch(m
         x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
         nn.functional.cross_entropy(session.network(x), y).backward()
         for name, out in seen:
-            expected[name] += (out.grad.double() * out.detach().double()) ** 2
+            expected[name] += (out.grad.double() * out.detach().double()).abs()
     assert {n for n, _ in seen} == set(session.gates)
     for name, gate in session.gates.items():
         assert float(gate.saliency_passes) == 2
@@ -357,6 +357,27 @@ def test_taylor_allocation_drops_dead_channels_first_and_meets_the_budget():
     assert cost <= 2_293_000 / 16 and cost > 0.97 * 2_293_000 / 16  # fill spends the budget
     with pytest.raises(RuntimeError, match="allocation='taylor' only"):
         DirichletSwitches().saliency(session)
+
+
+def test_taylor_allocation_weighs_each_group_by_its_total_saliency():
+    """The share rule with a group's total saliency as its weight: uniform saliency with
+    every group's total 1 gives the plain share widths with n = 1 (LeNet-5: 3-7-500, as
+    test_share_allocation_thins_a_layer_less_the_more_importance_it_has_lost finds); a conv2
+    whose channels together matter 100x more keeps more of them; a group is never emptied."""
+    session, method = _taylor_session()
+    sizes = {n: g.num_channels for n, g in session.gates.items()}
+
+    def widths(conv2_total: float) -> tuple[int, ...]:
+        totals = {n: 1.0 for n in sizes} | {"features.2": conv2_total}
+        method.saliency = lambda _session: {n: torch.full((k,), totals[n] / k, dtype=torch.float64) for n, k in sizes.items()}
+        masks = method.keep_masks(session)
+        assert session.cost_model.exact(masks, "macs") <= 2_293_000 / 16
+        return tuple(int(m.sum()) for m in masks.values())
+
+    method.fill = False
+    assert widths(1.0) == (3, 7, 500)
+    weighted = widths(100.0)
+    assert weighted[1] > 7 and min(weighted) >= 1
 
 
 @pytest.mark.parametrize("residual", ["tied", "mixed"])

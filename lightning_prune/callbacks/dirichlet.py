@@ -85,11 +85,13 @@ class DirichletImportance(GatedPruning):
       comparable across widths) per unit of cost. Cost then dominates: on LeNet-5 under a MAC
       budget it empties the convolutions (1 channel left) before touching the cheap 500 fc
       units, see benchmarks/RESULTS.md;
-    - ``"taylor"``: the channel's first-order saliency, the mean over the switch phase's
-      backward passes of ``(dL/dm * m)^2`` with ``m = K * E[s]`` its multiplier (Molchanov et
-      al., CVPR 2019, arXiv:1906.10771, eq. 8, taken at the switch), per unit of cost; in loss
-      units, so layers compare directly (within a group too the order is the saliency's).
-      Under DDP the ranks' sums are added at the end of the switch phase.
+    - ``"taylor"``: the share rule on each channel's first-order saliency, the mean over the
+      switch phase's backward passes of ``|dL/dm * m|`` with ``m = K * E[s]`` its multiplier
+      (Molchanov et al., ICLR 2017, arXiv:1611.06440, eq. 7, taken at the switch), each group
+      weighted by its total saliency instead of ``n_l``: the first channel dropped from a group
+      costs about its own saliency, a loss change comparable across layers, and each further
+      one more (within a group the order is the saliency's). Under DDP the ranks' sums are
+      added at the end of the switch phase.
 
     ``widths`` (a ``{group: channels}`` mapping, or a list in group order given to
     HardPruning) keeps the top channels by posterior mean instead.

@@ -62,6 +62,7 @@ def fit_budget(
     masks: Mapping[str, Tensor] | None = None,
     relative: bool = False,
     per_cost: bool = True,
+    weights: Mapping[str, float] | None = None,
 ) -> Allocation:
     """Greedily drop channels until ``cost_model.exact(masks, cost) <= target``.
 
@@ -82,6 +83,10 @@ def fit_budget(
             of the score each keeps, under the budget: a group gets harder to thin the more of
             its importance it has already lost, and a stream shared by n layers weighs as those
             n layers. Plain scores (``False``) compare channels of different groups directly.
+        weights: with ``relative``, ``{group: w}`` replaces ``n`` above (groups missing: ``n``).
+            With ``w`` a group's total score in units that compare across groups (e.g. a loss
+            change), dropping channel i first costs about its score, ``w * score / kept``, and
+            more as the group thins.
         per_cost: divide each score by the channel's marginal cost (default); ``False`` drops
             the lowest-scoring channel wherever it is, whatever it saves.
 
@@ -103,7 +108,7 @@ def fit_budget(
         if not bool(mask.any()) and name not in branches:
             best = int(torch.argmax(score[name])) if name in score else 0
             mask[best] = True
-    producers = {name: producing_layers(cost_model, name) for name in score}
+    producers = {name: float((weights or {}).get(name, producing_layers(cost_model, name))) for name in score}
     dropped: dict[str, list[int]] = {}
     current = cost_model.exact(keep, cost)
     refresh_every = max(1, sum(int(m.sum()) for m in keep.values()) // 200)

@@ -25,10 +25,10 @@ class _Switch(DirichletSwitch):
     phase, and layer by layer while another group learns.
 
     With ``saliency=True`` every backward pass through the acting switch adds, per channel,
-    ``(dL/dm_k * m_k)^2`` to ``saliency_sum`` (``m = K * s`` the multiplier, ``dL/dm_k`` summed
-    over the batch): the squared first-order change of the loss if channel k's multiplier went
-    to 0, Molchanov et al.'s Taylor criterion (arXiv:1906.10771, eq. 8) taken at the switch.
-    ``saliency_passes`` counts the passes. Both are buffers, so checkpoints keep them."""
+    ``|dL/dm_k * m_k|`` to ``saliency_sum`` (``m = K * s`` the multiplier, ``dL/dm_k`` summed
+    over the batch): the size of the first-order change of the loss if channel k's multiplier
+    went to 0, Molchanov et al.'s Taylor criterion (arXiv:1611.06440, eq. 7) taken at the
+    switch. ``saliency_passes`` counts the passes. Both are buffers, so checkpoints keep them."""
 
     saliency_sum: Tensor
     saliency_passes: Tensor
@@ -53,7 +53,7 @@ class _Switch(DirichletSwitch):
 
     @torch.no_grad()
     def _record(self, grad: Tensor, value: Tensor) -> None:
-        self.saliency_sum += (grad.detach().double() * value.double()).square()
+        self.saliency_sum += (grad.detach().double() * value.double()).abs()
         self.saliency_passes += 1
 
 
@@ -68,12 +68,15 @@ class DirichletSwitches(Method):
       (``m_l`` the kept posterior mass of the group), times the number of layers writing the
       group's channels: the greedy maximises ``sum_l n_l log m_l``;
     - ``allocation="score"``: the plain score ``K * E[s]`` per unit of cost;
-    - ``allocation="taylor"``: the switch's first-order saliency per unit of cost: the mean over
-      the switch phase's backward passes of ``(dL/dm_k * m_k)^2``, ``m = K * E[s]`` (Molchanov,
-      Mallya, Tyree, Frosio and Kautz, "Importance Estimation for Neural Network Pruning", CVPR
-      2019, arXiv:1906.10771, eq. 8, at the switch instead of a batch-norm scale). It is in loss
-      units, so channels of different layers compare directly, and it weighs each channel by
-      its learned multiplier; the posterior's share of one layer says nothing about another.
+    - ``allocation="taylor"``: the share rule above on the switches' first-order saliency
+      ``t_k``, the mean over the switch phase's backward passes of ``|dL/dm_k * m_k|``, ``m = K *
+      E[s]`` (Molchanov, Tyree, Karras, Aila and Kautz, "Pruning Convolutional Neural Networks
+      for Resource Efficient Inference", ICLR 2017, arXiv:1611.06440, eq. 7, taken at the
+      switch), with each group weighted by its total saliency ``T_l`` instead of ``n_l``: the
+      greedy maximises ``sum_l T_l log(kept t_l / T_l)``, so the first channel dropped from a
+      group costs about its own saliency (a loss change, comparable across layers, where the
+      posterior's shares of one layer say nothing about another) and each further one more,
+      as the group thins.
 
     With ``fill``, channels the greedy dropped are then added back, highest score first (``K *
     E[s]``, or the saliency with ``"taylor"``), while the network stays under the budget (the
@@ -160,7 +163,7 @@ class DirichletSwitches(Method):
         return {n: (g.posterior_mean() * g.num_channels).detach().cpu() for n, g in session.gates.items()}
 
     def saliency(self, session: PruningSession) -> dict[str, Tensor]:
-        """``{group: mean (dL/dm * m)^2}`` per channel over the switch phase's backward passes
+        """``{group: mean |dL/dm * m|}`` per channel over the switch phase's backward passes
         (``allocation="taylor"`` only; under DDP, after :meth:`reduce_saliency`)."""
         if self.allocation != "taylor":
             raise RuntimeError(f"DirichletSwitches: the saliency is recorded with allocation='taylor' only, not {self.allocation!r}")
@@ -188,7 +191,10 @@ class DirichletSwitches(Method):
         model, cost, target = session.cost_model, session.cost, session.budget.target
         if self.allocation == "taylor":
             scores = self.saliency(session)
-            masks = fit_budget(model, cost, target, scores).masks
+            floor = 1e-12 * max(float(s.max()) for s in scores.values()) + 1e-300  # a dead channel: dropped first, logs finite
+            scores = {n: s + floor for n, s in scores.items()}
+            totals = {n: float(s.sum()) for n, s in scores.items()}
+            masks = fit_budget(model, cost, target, scores, relative=True, weights=totals).masks
             return fill_budget(model, cost, target, scores, masks).masks if self.fill else masks
         scores = self.scores(session)
         masks = fit_budget(model, cost, target, scores, relative=self.allocation == "share").masks
