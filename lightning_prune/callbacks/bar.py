@@ -28,7 +28,8 @@ class BudgetAwareRegularization(GatedPruning):
             follows the annealed budget instead of the barrier sitting at its cap, and the
             trained network starts with its gates open (LeNet-5 at 1/16 of its MACs: 99.00%
             mean over 3 seeds against 98.28% over 2 with these defaults, before fill existed;
-            benchmarks/RESULTS.md, "BAR in the suite"); these are the benchmark suite's settings.
+            benchmarks/RESULTS.md, "BAR in the suite"); these are the benchmark suite's settings
+            and the main job's, which trains the dense network first (``pretrain_epochs``).
         margin, margin_of, cap, fill: the band below the budget where the barrier is 0, the
             barrier's largest value, and whether hard pruning spends what the soft phase left
             of the budget; see :class:`~lightning_prune.methods.BarrierPenalty`.
