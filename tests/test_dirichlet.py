@@ -359,6 +359,29 @@ def test_taylor_allocation_drops_dead_channels_first_and_meets_the_budget():
         DirichletSwitches().saliency(session)
 
 
+@pytest.mark.parametrize("estimator", ["mean", "gamma"])
+def test_switches_train_while_the_frozen_batch_norms_are_in_eval_mode(estimator):
+    """With frozen weights the switch phase holds the batch norms in eval mode; the switches
+    follow the network's mode, not the first gated layer's (a batch norm here), so the gamma
+    estimator samples and the taylor allocation records its saliency (both were silently off:
+    the bench's ResNet-20 run found no saliency at hard pruning)."""
+    L.seed_everything(0)
+    module = ForeignModule(batch_norm=True)
+    switches = DirichletImportance(factor=2, epochs=1, example_input=TINY, kl_weight=1e-3, verbose=False, allocation="taylor",
+                                   estimator=estimator, samples=1)
+    modes = []
+
+    class Modes(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if switches.gates is not None:
+                norms = [m for m in pl_module.modules() if isinstance(m, nn.BatchNorm2d)]
+                modes.append((all(g.training for _, g in switches.gates.items()), any(m.training for m in norms)))
+
+    trainer(max_epochs=2, callbacks=[switches, HardPruning(1, plot=False, verbose=False), Modes()]).fit(module, tiny_loader(16, n=64))
+    assert modes[:4] == [(True, False)] * 4  # the switch phase: switches training, batch norms frozen
+    assert switches.session.phase == "hard"
+
+
 def test_taylor_allocation_weighs_each_group_by_its_total_saliency():
     """The share rule with a group's total saliency as its weight: uniform saliency with
     every group's total 1 gives the plain share widths with n = 1 (LeNet-5: 3-7-500, as

@@ -176,8 +176,12 @@ class GateSet(nn.Module):
 
         def resample(module: nn.Module, _args: object) -> None:
             self._sample = None
-            if self.training != module.training:  # the gates follow the gated model's mode
-                self.train(module.training)
+            # the gates follow the gated model's mode (not the first site's: a caller may hold
+            # batch norms in eval mode while the network trains, as Dirichlet's switch phase does)
+            root = self._model_ref() if self._model_ref is not None else None
+            training = root.training if root is not None else module.training
+            if self.training != training:
+                self.train(training)
 
         self._handles.append(modules[first].register_forward_pre_hook(resample))
         for module_name, entries in sites.items():
