@@ -492,7 +492,7 @@ def test_adans_structured_space_with_mixed_blocks_predicts_the_compressed_cost()
     assert count_cost(small, torch.zeros(1, 3, 32, 32)).macs == space.predict_cost(x)
 
 
-@pytest.mark.parametrize(("method", "default"), [("bar", "mixed"), ("random", "tied"), ("dirichlet", "tied")])
+@pytest.mark.parametrize(("method", "default"), [("bar", "mixed"), ("random", "tied"), ("dirichlet", "mixed")])
 def test_configs_choose_the_residual_mode(method: str, default: str, tmp_path) -> None:
     cfg = compose_train([f"pruning={method}"], tmp_path)
     assert cfg.pruning.residual == default
