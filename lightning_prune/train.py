@@ -106,7 +106,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         load_network_weights(module.net, cfg.init_from)
     for callback in trainer.callbacks:
         if isinstance(callback, HardPruning):  # a schedule that never prunes fails before any training
-            callback.setup(trainer, module, "fit")
+            callback.check_schedule(trainer)
     pretrained = pretrain(cfg, module, datamodule)
     example = torch.zeros(1, *datamodule.input_shape)
     pruned = any(isinstance(c, GatedPruning) for c in trainer.callbacks)

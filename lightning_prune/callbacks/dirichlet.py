@@ -341,10 +341,11 @@ class DirichletImportance(GatedPruning):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not (self.active and self.in_switch_phase(trainer.current_epoch)):
             return
-        if self.end_epoch is not None and trainer.current_epoch == self.end_epoch - 1:
-            # every rank recorded the saliency of its own batches: sum them so the ranks allocate alike
-            self.method.reduce_saliency(self.session, lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
-        if self.verbose and self.end_epoch is not None and trainer.current_epoch == self.end_epoch - 1:
+        if self.end_epoch is None or trainer.current_epoch != self.end_epoch - 1:
+            return
+        # every rank recorded the saliency of its own batches: sum them so the ranks allocate alike
+        self.method.reduce_saliency(self.session, lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
+        if self.verbose:
             rank_zero_info(
                 "DirichletImportance: learned importance K * E[s] (min / max) per group: "
                 + ", ".join(f"{n} {float(s.min()):.3g}/{float(s.max()):.3g}" for n, s in self.importance().items())

@@ -97,8 +97,12 @@ class HardPruning(Callback):
         return self._generate_state_key(at_epoch=self.at_epoch)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
+        if stage == "fit":
+            self.check_schedule(trainer)
+
+    def check_schedule(self, trainer: L.Trainer) -> None:
+        """Raise if ``trainer``'s run ends before ``at_epoch`` (called at setup; callers that
+        train before the pruning fit call it first, so the error comes before any training)."""
         max_epochs = trainer.max_epochs
         if not trainer.fast_dev_run and max_epochs is not None and max_epochs >= 0 and self.at_epoch >= max_epochs:
             raise ValueError(

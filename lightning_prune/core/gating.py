@@ -178,7 +178,7 @@ class GateSet(nn.Module):
             self._sample = None
             # the gates follow the gated model's mode (not the first site's: a caller may hold
             # batch norms in eval mode while the network trains, as Dirichlet's switch phase does)
-            root = self._model_ref() if self._model_ref is not None else None
+            root = self.model
             training = root.training if root is not None else module.training
             if self.training != training:
                 self.train(training)

@@ -189,13 +189,13 @@ class DirichletSwitches(Method):
 
     def keep_masks(self, session: PruningSession) -> dict[str, Tensor]:
         model, cost, target = session.cost_model, session.cost, session.budget.target
+        weights = None
         if self.allocation == "taylor":
             scores = self.saliency(session)
             floor = 1e-12 * max(float(s.max()) for s in scores.values()) + 1e-300  # a dead channel: dropped first, logs finite
             scores = {n: s + floor for n, s in scores.items()}
-            totals = {n: float(s.sum()) for n, s in scores.items()}
-            masks = fit_budget(model, cost, target, scores, relative=True, weights=totals).masks
-            return fill_budget(model, cost, target, scores, masks).masks if self.fill else masks
-        scores = self.scores(session)
-        masks = fit_budget(model, cost, target, scores, relative=self.allocation == "share").masks
+            weights = {n: float(s.sum()) for n, s in scores.items()}
+        else:
+            scores = self.scores(session)
+        masks = fit_budget(model, cost, target, scores, relative=self.allocation != "score", weights=weights).masks
         return fill_budget(model, cost, target, scores, masks).masks if self.fill else masks
