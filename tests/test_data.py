@@ -81,6 +81,36 @@ def test_cifar_augmentation_is_pad4_crop_and_flip_on_train_only(data_dir, cache_
     assert torch.equal(raw, again)  # evaluation is deterministic
 
 
+def test_mnist_shift_translates_training_images_only(data_dir):
+    plain = MNISTDataModule(data_dir, val_size=10, subset=20)
+    assert [type(t).__name__ for t in plain.train_transform().transforms] == ["ToTensor", "Normalize"]
+    dm = MNISTDataModule(data_dir, val_size=10, subset=20, shift=2)
+    assert [type(t).__name__ for t in dm.eval_transform().transforms] == ["ToTensor", "Normalize"]
+    assert [type(t).__name__ for t in MNISTDataModule(data_dir, shift=2, augment=False).train_transform().transforms] == [
+        "ToTensor", "Normalize"]
+    dm.setup("fit")
+    image = dm.train_set.dataset.data[dm.train_set.indices[0]]
+    reference = plain.eval_transform()(torchvision.transforms.functional.to_pil_image(image))[0]
+    background = float(reference[0, 0])
+    shifts = set()
+    for _ in range(60):
+        x = dm.train_set[0][0][0]
+        assert x.shape == (28, 28)
+        # each draw is the image moved by whole pixels (dy, dx) in [-2, 2], the uncovered border black
+        found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                 if torch.allclose(x, _translated(reference, dy, dx, background))]
+        assert found, "a training image is not a translation of the original by at most 2 pixels"
+        shifts.update(found)
+    assert len(shifts) > 5  # the translation is random
+
+
+def _translated(image, dy, dx, fill):
+    out = torch.full_like(image, fill)
+    h, w = image.shape
+    out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = image[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
 def test_missing_data_offline_names_the_folder_and_how_to_get_it(tmp_path):
     dm = MNISTDataModule(tmp_path / "nothing-here")
     with pytest.raises(DatasetNotFoundError) as err:
@@ -114,6 +144,9 @@ def test_cifar10_without_layout_or_archive_fails_clearly(tmp_path):
         ({"subset": -1}, ValueError, "subset"),
         ({"num_workers": -1}, ValueError, "num_workers"),
         ({"data_dir": 3}, TypeError, "data_dir"),
+        ({"shift": -1}, ValueError, "shift"),
+        ({"shift": 14}, ValueError, "shift"),
+        ({"shift": 1.5}, TypeError, "shift"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):

@@ -171,9 +171,23 @@ _TORCHVISION_HINT = "torchvision's {cls}(root=data_dir, download=True) creates t
 
 
 class MNISTDataModule(VisionDataModule):
+    """MNIST. ``shift`` (default 0: none) translates each training image by a random whole
+    number of pixels, at most ``shift`` in each direction, filling with the black background
+    (the classic MNIST augmentation; applied only when ``augment`` is true)."""
+
     name, num_classes, input_shape = "MNIST", 10, (1, 28, 28)
     mean, std = (0.1307,), (0.3081,)
     how_to_get = _TORCHVISION_HINT.format(cls="MNIST") + " The expected files are <data_dir>/MNIST/raw/*-ubyte."
+
+    def __init__(self, *args: Any, shift: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _check_positive_int("shift", shift, allow_zero=True)
+        if shift >= 14:
+            raise ValueError(f"shift must be smaller than half the 28-pixel image, got {shift}")
+        self.shift = shift
+
+    def train_augmentation(self) -> list[Callable]:
+        return [transforms.RandomCrop(28, padding=self.shift)] if self.shift else []
 
     def build(self, train: bool, transform: Callable) -> Dataset:
         return datasets.MNIST(str(self.data_dir), train=train, transform=transform, download=self.download)
