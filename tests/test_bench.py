@@ -260,3 +260,9 @@ def test_the_mixed_against_tied_table_pairs_runs_and_names_removed_blocks() -> N
     table = [line for line in text.splitlines() if line.startswith("| resnet20_cifar10")]
     assert table == ["| resnet20_cifar10 | volume 1/8 | 1 / 1 | 78.00 | 60.00 | 100, 300 | 100, 200 | 1.50 | 2 layers (layer1.0) | -53%, -45% |"]
     assert residual_table(rows[2:]) == ""
+    # a tied run with other settings than the mixed one (e.g. from before BAR's defaults changed) is no pair
+    rows[0]["method_config"] = {"residual": "mixed", "soft_fraction": 0.1}
+    rows[1]["method_config"] = {"residual": "tied", "soft_fraction": 0.5}
+    assert residual_table(rows) == ""
+    rows[1]["method_config"]["soft_fraction"] = 0.1
+    assert [line for line in residual_table(rows).splitlines() if line.startswith("| resnet20_cifar10")] == table

@@ -117,14 +117,17 @@ def _volume_and_macs(runs: list[Mapping[str, Any]]) -> str:
 def residual_table(rows: Iterable[Mapping[str, Any]]) -> str:
     """Markdown: BAR with mixed-connectivity residual blocks (``bar``) against tied blocks
     (``bar+tied``, the same run with ``method.residual=tied``) per task and budget where both
-    ran: accuracy, volume and MACs (means over the seeds), and the layers the mixed run removed
-    (those the tied network still has and the mixed one has not); empty when no pair exists."""
-    groups: dict[tuple[str, str, float], dict[str, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    ran with the same settings but ``residual`` (a ``bar+tied`` row run before BAR's defaults
+    changed has no partner): accuracy, volume and MACs (means over the seeds), and the layers
+    the mixed run removed (those the tied network still has and the mixed one has not); empty
+    when no pair exists."""
+    groups: dict[tuple[str, str, float, str], dict[str, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r["method"] in ("bar", "bar+tied"):
-            groups[(r["task"], r["cost"], float(r["factor"]))][r["method"]].append(r)
+            settings = {k: v for k, v in r.get("method_config", {}).items() if k != "residual"}
+            groups[(r["task"], r["cost"], float(r["factor"]), json.dumps(settings, sort_keys=True))][r["method"]].append(r)
     out = []
-    for (task, cost, factor), pair in sorted(groups.items()):
+    for (task, cost, factor, _), pair in sorted(groups.items()):
         if len(pair) < 2:
             continue
         if not out:
