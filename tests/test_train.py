@@ -180,6 +180,7 @@ def test_init_from_loads_a_lightning_checkpoint_or_a_state_dict(tmp_path):
 def test_the_main_job_trains_the_dense_network_first_and_checks_pretrain_epochs(tmp_path, data_dir):
     cfg = compose_train([], tmp_path)
     assert cfg.pretrain_epochs == 8 and cfg.pruning.bar.distillation and cfg.pruning.bar.distill_fine_tuning
+    assert cfg.pruning.prune_epoch == 1 and cfg.pruning.bar.gate_lr == 0.1  # the gates choose in one epoch
     for bad in ("-1", "1.5", "true"):
         cfg = compose_train([f"pretrain_epochs={bad}", *FAST], tmp_path)
         with pytest.raises(ValueError, match="pretrain_epochs must be an integer >= 0"):
