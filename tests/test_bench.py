@@ -197,10 +197,13 @@ def test_a_latency_budget_run(folder: Path, tmp_path: Path, monkeypatch: pytest.
     session finds it), the pruned network's predicted latency is under the budget, and the
     result file has the predicted and the measured latency."""
     monkeypatch.setenv("LP_LATENCY_CACHE", str(tmp_path))
-    cfg = bench_cfg(folder, "task=lenet5_mnist", f"method={method}", "budget.cost=latency", "budget.factor=2",
+    # factor 1.25: at batch 8 a LeNet-5's fixed per-layer overhead is most of its latency (with one
+    # channel per layer about 60% of the dense latency remains, more on a loaded machine), so
+    # factor 2 can be infeasible, which the budget check rightly refuses
+    cfg = bench_cfg(folder, "task=lenet5_mnist", f"method={method}", "budget.cost=latency", "budget.factor=1.25",
                     "budget.latency.batch_size=8", "+budget.latency.grid=3", "+budget.latency.repeats=2")
     result = prune(cfg)
-    assert result["cost"] == "latency" and result_path(cfg).name == f"{method}-latency2-seed0.json"
+    assert result["cost"] == "latency" and result_path(cfg).name == f"{method}-latency1.25-seed0.json"
     latency = result["info"]["latency"]
     assert latency["predicted_ms"] * 1e6 <= result["budget"] and latency["budget_ms"] * 1e6 == pytest.approx(result["budget"])
     assert latency["measured_ms"] > 0 and latency["pruned_ms_now"] > 0 and latency["dense_ms_now"] > 0
