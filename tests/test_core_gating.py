@@ -232,7 +232,9 @@ def _ddp_run(rank: int, world: int, port: int, queue) -> None:
                 with ddp.no_sync():
                     ddp(x).square().mean().backward()
             grads.append(log_alpha.grad.clone())
-        queue.put((rank, grads))
+        # plain lists: a tensor would travel as a shared file descriptor, which the parent cannot
+        # open once this process has exited (a race that failed under load)
+        queue.put((rank, [g.tolist() for g in grads]))
     finally:
         dist.destroy_process_group()
 
@@ -251,7 +253,7 @@ def test_ddp_synchronises_gate_gradients() -> None:
     procs = [ctx.Process(target=_ddp_run, args=(r, 2, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    grads = dict(queue.get() for _ in procs)
+    grads = {rank: [torch.tensor(g) for g in values] for rank, values in (queue.get() for _ in procs)}
     for p in procs:
         p.join(120)
         assert p.exitcode == 0
