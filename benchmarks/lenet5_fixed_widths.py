@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_prune import count_cost
-from lightning_prune.data import MNISTDataModule
+from lightning_prune.data import MNISTDataModule, default_cache_dir
 from lightning_prune.models import LeNet5
 
 HERE = Path(__file__).resolve().parent
@@ -81,7 +81,7 @@ def train(net: nn.Module, data: MNISTDataModule, epochs: int, teacher: nn.Module
         schedule.step()
 
 
-def test_accuracy(net: nn.Module, data: MNISTDataModule) -> float:
+def accuracy(net: nn.Module, data: MNISTDataModule) -> float:
     net.eval()
     correct = total = 0
     with torch.no_grad():
@@ -109,7 +109,8 @@ def main() -> None:
     runs = json.loads(args.out.read_text()) if args.out.exists() else []
     key = {"widths": args.widths, "distill": args.distill, "epochs": args.epochs, "seed": args.seed,
            "shift": args.shift, "dense_epochs": args.dense_epochs}
-    if any(all(r.get(k, {"shift": 0, "dense_epochs": None}.get(k)) == v for k, v in key.items()) for r in runs):
+    older = {"shift": 0, "dense_epochs": None}  # what entries written before these options ran with
+    if any(all(r.get(k, older.get(k)) == v for k, v in key.items()) for r in runs):
         print(f"already run: {key}")
         return
     torch.set_num_threads(1)
@@ -122,8 +123,7 @@ def main() -> None:
     if args.dense_epochs is None:
         dense.load_state_dict(torch.load(HERE / "checkpoints" / "lenet5_mnist.pt", weights_only=True))
     else:
-        cache = Path(os.environ.get("LP_CACHE_DIR", Path.home() / ".cache" / "lightning-prune"))
-        saved = cache / f"lenet5_dense_{args.dense_epochs}ep_shift{args.shift}_seed{args.seed}.pt"
+        saved = default_cache_dir() / f"lenet5_dense_{args.dense_epochs}ep_shift{args.shift}_seed{args.seed}.pt"
         if saved.is_file():
             dense.load_state_dict(torch.load(saved, weights_only=True))
         else:
@@ -131,14 +131,14 @@ def main() -> None:
             saved.parent.mkdir(parents=True, exist_ok=True)
             torch.save(dense.state_dict(), saved)
     dense.eval()
-    dense_accuracy = test_accuracy(dense, data)
+    dense_accuracy = accuracy(dense, data)
     net = cut(dense, c1, c2, f1)
     macs = count_cost(net.eval(), torch.zeros(1, 1, 28, 28)).macs
     started = time.perf_counter()
     train(net, data, args.epochs, teacher=dense if args.distill else None)
     options = (" --distill" if args.distill else "") + (f" --seed {args.seed}" if args.seed else "") + (
         f" --shift {args.shift}" if args.shift else "") + (f" --dense-epochs {args.dense_epochs}" if args.dense_epochs else "")
-    runs.append({**key, "macs": macs, "test_accuracy": test_accuracy(net, data), "dense_accuracy": dense_accuracy,
+    runs.append({**key, "macs": macs, "test_accuracy": accuracy(net, data), "dense_accuracy": dense_accuracy,
                  "wall_seconds": round(time.perf_counter() - started),
                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
                  "threads": 1, "command": f"python benchmarks/lenet5_fixed_widths.py {args.widths} --epochs {args.epochs}{options}"})

@@ -9,6 +9,7 @@ from lightning_prune.data.datamodules import (
     MNISTDataModule,
     SVHNDataModule,
     VisionDataModule,
+    default_cache_dir,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "SVHNDataModule",
     "ImageFolderDataModule",
     "DatasetNotFoundError",
+    "default_cache_dir",
 ]

@@ -27,6 +27,12 @@ from lightning_prune._checks import check_int
 CIFAR10_ARCHIVE = "cifar10-jpg.tar.gz"
 
 
+def default_cache_dir() -> Path:
+    """Where extracted archives and other derived files are kept: ``$LP_CACHE_DIR``, else
+    ``~/.cache/lightning-prune``."""
+    return Path(os.environ.get("LP_CACHE_DIR", Path.home() / ".cache" / "lightning-prune"))
+
+
 class DatasetNotFoundError(FileNotFoundError):
     """The dataset is not in ``data_dir`` and could not (or may not) be downloaded."""
 
@@ -221,8 +227,7 @@ class CIFAR10DataModule(_CifarAugmentation, VisionDataModule):
 
     def __init__(self, *args: Any, cache_dir: str | os.PathLike | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        default_cache = Path(os.environ.get("LP_CACHE_DIR", Path.home() / ".cache" / "lightning-prune"))
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
     def extracted_archive(self) -> Path | None:
         """The ImageFolder root extracted from the JPEG archive, or None when there is no archive."""
