@@ -87,15 +87,15 @@ def test_the_callbacks_example_shrinks_a_users_module_under_its_volume_budget(tm
 
 
 @pytest.fixture(scope="module")
-def pruned_module() -> L.LightningModule:
+def pruned_module(tmp_path_factory: pytest.TempPathFactory) -> L.LightningModule:
     """``UserNet`` after the README's callbacks (a short schedule)."""
     from lightning_prune.callbacks import BudgetAwareRegularization, HardPruning, SigmoidalBudgetAnnealing
 
     torch.manual_seed(0)
     module = UserNet()
-    QuietTrainer(max_epochs=4, callbacks=[BudgetAwareRegularization(budget=1 / 4, cost="volume"),
-                                          SigmoidalBudgetAnnealing(until_epoch=2, hardness=10),
-                                          HardPruning(at_epoch=2, freeze=True, shrink=True)]).fit(module, RandomImages())
+    callbacks = [BudgetAwareRegularization(budget=1 / 4, cost="volume"), SigmoidalBudgetAnnealing(until_epoch=2, hardness=10),
+                 HardPruning(at_epoch=2, freeze=True, shrink=True)]
+    QuietTrainer(max_epochs=4, default_root_dir=tmp_path_factory.mktemp("readme"), callbacks=callbacks).fit(module, RandomImages())
     return module.eval()
 
 
