@@ -149,6 +149,28 @@ def test_bar_repairs_alive_channels_over_the_budget_least_open_first() -> None:
     assert kept1 == [6, 7] and int(masks["conv2"].sum()) == 2
 
 
+def test_bar_repair_by_share_thins_every_layer_where_least_open_empties_one() -> None:
+    """Every alive gate open, conv2's a little less than conv1's; the volume budget (factor 4:
+    177 of 708; conv1 maps 64, conv2 maps 16, head 4) needs most of them gone."""
+    widths = {}
+    for repair in ("least_open", "share"):
+        session = traced(BarrierPenalty(repair=repair, fill=False), factor=4)
+        with torch.no_grad():
+            session.gates["conv1"].log_alpha.fill_(2.0)
+            session.gates["conv2"].log_alpha.fill_(1.9)
+        masks = session.keep_masks()
+        assert session.cost_model.exact(masks, "volume") <= session.budget.target == 177
+        widths[repair] = (int(masks["conv1"].sum()), int(masks["conv2"].sum()))
+    # least open first: conv2 down to one map (8*64 + 16 + 4 = 532 still over), then conv1 to 2 (148)
+    assert widths["least_open"] == (2, 1)
+    # share: equal open probabilities within a layer, so dropping one of k channels costs log(k / (k-1)),
+    # divided by the volume it saves: conv1 8 -> 3 (log(4/3)/64 = 0.0045 < log(12/11)/16 = 0.0054),
+    # conv2 12 -> 10, conv1 -> 2, conv2 -> 6 (log(6/5)/16 = 0.0114 > log(2)/64 = 0.0108), conv1 -> 1: 164
+    assert widths["share"] == (1, 6)
+    with pytest.raises(ValueError, match="repair must be one of"):
+        BarrierPenalty(repair="cheapest")
+
+
 def test_bar_spends_what_the_soft_phase_left_of_the_budget_on_the_most_open_closed_channels() -> None:
     for fill in (True, False):
         session = traced(BarrierPenalty(fill=fill), factor=4)  # volume: conv1 maps 64, conv2 maps 16, head 4; target 177

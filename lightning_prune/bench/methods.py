@@ -100,7 +100,7 @@ def bar(run: Run) -> nn.Module:
     soft = max(1, min(run.epochs - 1, round(run.epochs * m.soft_fraction)))
     callbacks = [
         BudgetAwareRegularization(**_common(run), lambda_=m.lambda_, margin=m.margin, margin_of=m.margin_of, cap=m.cap, fill=m.fill, gate_lr=m.gate_lr,
-                                  gate_optimizer=m.gate_optimizer, init_log_alpha=m.init_log_alpha, penalty=m.penalty, cost_power=m.cost_power,
+                                  gate_optimizer=m.gate_optimizer, init_log_alpha=m.init_log_alpha, penalty=m.penalty, cost_power=m.cost_power, repair=m.repair,
                                   distillation=m.distillation, distill_fine_tuning=m.distill_fine_tuning, residual=m.residual),
         SigmoidalBudgetAnnealing(soft, hardness=m.hardness),
         HardPruning(soft, plot=False, verbose=False),

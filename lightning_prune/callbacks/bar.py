@@ -36,7 +36,7 @@ class BudgetAwareRegularization(GatedPruning):
         penalty: ``"cost"`` (the paper: the expected cost over the full cost) or ``"channels"``
             (the expected number of open channels over all channels).
         gate_lr: learning rate of the gates' optimizer.
-        gate_optimizer, init_log_alpha, cost_power: see :class:`~lightning_prune.methods.BarrierPenalty`.
+        gate_optimizer, init_log_alpha, cost_power, repair: see :class:`~lightning_prune.methods.BarrierPenalty`.
         distillation, distill_fine_tuning, temperature, alpha: distillation from the network
             at fit start in the soft phase (the paper's ``L_D``, Sec. 3) and through the
             fine-tuning after hard pruning; see
@@ -64,6 +64,7 @@ class BudgetAwareRegularization(GatedPruning):
         fill: bool = True,
         penalty: str = "cost",
         cost_power: float = 1.0,
+        repair: str = "least_open",
         gate_lr: float = 0.02,
         gate_optimizer: str = "adam",
         init_log_alpha: float = 0.0,
@@ -78,7 +79,7 @@ class BudgetAwareRegularization(GatedPruning):
         verbose: bool = True,
     ) -> None:
         self._method_args = {"lambda_": lambda_, "margin": margin, "margin_of": margin_of, "cap": cap, "fill": fill, "penalty": penalty, "cost_power": cost_power, "gate_lr": gate_lr,
-                             "gate_optimizer": gate_optimizer, "init_log_alpha": init_log_alpha, "residual": residual}
+                             "gate_optimizer": gate_optimizer, "init_log_alpha": init_log_alpha, "residual": residual, "repair": repair}
         super().__init__(budget=budget, factor=factor, cost=cost, latency=latency, module=module, example_input=example_input,
                          ignore=ignore, verbose=verbose, distillation=distillation, distill_fine_tuning=distill_fine_tuning,
                          temperature=temperature, alpha=alpha)

@@ -36,12 +36,10 @@ class BarrierPenalty(Method):
       ``a = (1 - margin) * b`` (``margin_of="current"``); capped when ``V >= b`` (counted in
       ``capped_steps``).
 
-    Hard pruning keeps the alive channels; if they cost more than the budget, the least open
-    are dropped until it fits (listed in ``dropped``: what the soft phase would have closed
-    next; dividing by the cost instead would drop the most expensive channels first, since
-    every alive gate is nearly fully open); then, with ``fill``, closed channels are opened
-    again, the most open first, while the network stays under the budget (listed in
-    ``refilled``), so the budget is spent.
+    Hard pruning keeps the alive channels; if they cost more than the budget, channels are
+    dropped until it fits (listed in ``dropped``), by the ``repair`` rule; then, with ``fill``,
+    closed channels are opened again, the most open first, while the network stays under the
+    budget (listed in ``refilled``), so the budget is spent.
 
     Args:
         lambda_: weight of the penalty (>= 0).
@@ -73,16 +71,26 @@ class BarrierPenalty(Method):
             al. (supplementary material, Algorithm 1): each residual branch is gated on its own
             and a branch whose gates all close is removed (learned depth); ``"tied"``: a
             residual stream and its branches share one gate per channel.
+        repair: how hard pruning drops alive channels when they cost more than the budget.
+            ``"least_open"`` (default): the least open first, wherever they are and whatever they
+            save (what the soft phase would have closed next; dividing by the cost instead
+            would drop the most expensive channels first, since every alive gate is nearly
+            fully open); a layer whose gates are all a little less open than the others' can
+            lose all but one channel. ``"share"``: the share rule of
+            :func:`~lightning_prune.core.allocation.fit_budget` (``relative=True``) on the open
+            probabilities: the channel whose loss of its layer's open-probability share costs
+            least per unit of cost saved, so a layer gets harder to thin the more it has lost.
     """
 
     name = "bar"
     PENALTIES = ("cost", "channels")
 
     GATE_OPTIMIZERS = ("adam", "sgd")
+    REPAIRS = ("least_open", "share")
 
     def __init__(self, lambda_: float = 0.01, margin: float = 0.05, penalty: str = "cost", gate_lr: float = 0.02, cap: float = 1e3,
                  residual: str = "mixed", gate_optimizer: str = "adam", init_log_alpha: float = 0.0,
-                 margin_of: str = "target", fill: bool = True, cost_power: float = 1.0) -> None:
+                 margin_of: str = "target", fill: bool = True, cost_power: float = 1.0, repair: str = "least_open") -> None:
         super().__init__()
         self.residual = self.check_residual(residual)
         self.lambda_ = finite_real("lambda_", lambda_)
@@ -114,6 +122,9 @@ class BarrierPenalty(Method):
             raise ValueError(f"cap must be > 0, got {cap}")
         check_bool("fill", fill)
         self.fill = fill
+        if repair not in self.REPAIRS:
+            raise ValueError(f"repair must be one of {self.REPAIRS}, got {repair!r}")
+        self.repair = repair
         self.capped_steps = 0
         self.dropped: dict[str, list[int]] = {}
         self.refilled: dict[str, list[int]] = {}
@@ -164,7 +175,10 @@ class BarrierPenalty(Method):
     def keep_masks(self, session: PruningSession) -> dict[str, Tensor]:
         alive = session.current_masks()
         model, cost, target, scores = session.cost_model, session.cost, session.budget.target, self.scores(session)
-        result = fit_budget(model, cost, target, scores, alive, per_cost=False)
+        if self.repair == "share":  # shares need positive scores: a fully closed gate's probability may underflow to 0
+            result = fit_budget(model, cost, target, {n: s.double().clamp_min(1e-12) for n, s in scores.items()}, alive, relative=True)
+        else:
+            result = fit_budget(model, cost, target, scores, alive, per_cost=False)
         self.dropped = result.dropped
         if self.fill:
             result = fill_budget(model, cost, target, scores, result.masks)
