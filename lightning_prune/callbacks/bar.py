@@ -36,7 +36,9 @@ class BudgetAwareRegularization(GatedPruning):
         penalty: ``"cost"`` (the paper: the expected cost over the full cost) or ``"channels"``
             (the expected number of open channels over all channels).
         gate_lr: learning rate of the gates' optimizer.
-        gate_optimizer, init_log_alpha, cost_power, repair: see :class:`~lightning_prune.methods.BarrierPenalty`.
+        gate_optimizer, init_log_alpha, cost_power, repair: see :class:`~lightning_prune.methods.BarrierPenalty`
+            (the benchmark suite uses ``repair="share"``: at LeNet-5's MAC factor 32 the soft
+            phase ends over the budget and least-open-first left conv2 with as few as 1 channel).
         distillation, distill_fine_tuning, temperature, alpha: distillation from the network
             at fit start in the soft phase (the paper's ``L_D``, Sec. 3) and through the
             fine-tuning after hard pruning; see
