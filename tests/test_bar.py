@@ -63,6 +63,9 @@ def test_annealing_moves_per_step_along_the_sigmoid():
     assert budget.current(0.0) == pytest.approx(1010)
     assert budget.current(0.5) == pytest.approx((1010 + 100) / 2)
     assert budget.current(1.0) == pytest.approx(100)
+    inside = SigmoidalBudgetAnnealing(until_epoch=0.75)  # the target reached inside the first epoch
+    assert inside.progress(3, 8) == pytest.approx(0.5)
+    assert inside.progress(6, 8) == 1.0 and inside.progress(8, 8) == 1.0
 
 
 def test_distillation_gradient_blends_user_loss_and_kd():
@@ -217,5 +220,9 @@ def test_unreachable_budget_and_missing_partners_fail_at_setup():
         t.fit(ForeignModule(), tiny_loader())
     with pytest.raises(ValueError, match="until_epoch"):
         SigmoidalBudgetAnnealing(until_epoch=1, from_epoch=1)
+    with pytest.raises(ValueError, match="until_epoch"):
+        SigmoidalBudgetAnnealing(until_epoch=0.0)
+    with pytest.raises(TypeError, match="until_epoch"):
+        SigmoidalBudgetAnnealing(until_epoch="1")
     with pytest.raises(ValueError, match="freeze"):
         HardPruning(at_epoch=1, freeze=False)

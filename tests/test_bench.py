@@ -112,6 +112,8 @@ def test_a_finished_run_is_skipped_and_over_budget_is_an_error(folder: Path, mon
     assert result_path(variant).name == "random+again-macs2-seed7.json" and not result_path(variant).exists()
     with pytest.raises(ValueError, match="budget.cost must be one of"):
         prune(bench_cfg(folder, "task=lenet5_mnist", "method=random", "budget.cost=flops"))
+    with pytest.raises(ValueError, match=r"method.anneal_fraction must be in \(0, 1\], got 1.5"):
+        prune(bench_cfg(folder, "task=lenet5_mnist", "method=bar", "variant=late", "method.anneal_fraction=1.5"))
 
 
 class _Killed(Exception):

@@ -98,11 +98,13 @@ class _AliveTrace(Callback):
 def bar(run: Run) -> nn.Module:
     m = run.cfg.method
     soft = max(1, min(run.epochs - 1, round(run.epochs * m.soft_fraction)))
+    if not 0 < float(m.anneal_fraction) <= 1:
+        raise ValueError(f"method.anneal_fraction must be in (0, 1], got {m.anneal_fraction}")
     callbacks = [
         BudgetAwareRegularization(**_common(run), lambda_=m.lambda_, margin=m.margin, margin_of=m.margin_of, cap=m.cap, fill=m.fill, gate_lr=m.gate_lr,
                                   gate_optimizer=m.gate_optimizer, init_log_alpha=m.init_log_alpha, penalty=m.penalty, cost_power=m.cost_power, repair=m.repair,
                                   distillation=m.distillation, distill_fine_tuning=m.distill_fine_tuning, residual=m.residual),
-        SigmoidalBudgetAnnealing(soft, hardness=m.hardness),
+        SigmoidalBudgetAnnealing(soft * float(m.anneal_fraction), hardness=m.hardness),
         HardPruning(soft, plot=False, verbose=False),
     ]
     trace = _AliveTrace(lambda: callbacks[0].method)

@@ -25,16 +25,18 @@ class SigmoidalBudgetAnnealing(Callback):
     progress; the session is found through the LightningModule.
 
     Args (keyword-only except ``until_epoch``):
-        until_epoch: epoch at which the budget reaches the target (exclusive end of the transition).
+        until_epoch: epoch at which the budget reaches the target (exclusive end of the transition);
+            a real number ends it inside an epoch (``until_epoch=0.75``: after three quarters of
+            the first epoch's steps), so the gates can catch up with the target before hard
+            pruning at a later epoch boundary.
         from_epoch: epoch at which the transition starts.
         hardness: ``d``; 0 gives a linear schedule, large values a step.
         start_factor: ``b0 / V0``, greater than 1 (1.01 in Lemaire et al. 2019).
     """
 
-    def __init__(self, until_epoch: int, *, from_epoch: int = 0, hardness: float = 10.0, start_factor: float = 1.01) -> None:
-        for name, value in (("until_epoch", until_epoch), ("from_epoch", from_epoch)):
-            check_int(name, value, 0)
-        if until_epoch <= from_epoch:
+    def __init__(self, until_epoch: float, *, from_epoch: int = 0, hardness: float = 10.0, start_factor: float = 1.01) -> None:
+        check_int("from_epoch", from_epoch, 0)
+        if finite_real("until_epoch", until_epoch) <= from_epoch:
             raise ValueError(f"until_epoch must be greater than from_epoch ({from_epoch}), got {until_epoch}")
         self.schedule = SigmoidalTransition(hardness)
         start_factor = finite_real("start_factor", start_factor)
