@@ -63,6 +63,12 @@ def test_annealing_moves_per_step_along_the_sigmoid():
     assert budget.current(0.0) == pytest.approx(1010)
     assert budget.current(0.5) == pytest.approx((1010 + 100) / 2)
     assert budget.current(1.0) == pytest.approx(100)
+    geometric = Budget.of(0.1, "macs", 1000, 1)
+    geometric.anneal(annealing.schedule, annealing.start_factor, "geometric")  # equal ratios: the midpoint is the geometric mean
+    assert geometric.current(0.5) == pytest.approx((1010 * 100) ** 0.5)
+    assert geometric.current(0.0) == pytest.approx(1010) and geometric.current(1.0) == pytest.approx(100)
+    with pytest.raises(ValueError, match="interpolation must be one of"):
+        SigmoidalBudgetAnnealing(until_epoch=1, interpolation="log")
     inside = SigmoidalBudgetAnnealing(until_epoch=0.75)  # the target reached inside the first epoch
     assert inside.progress(3, 8) == pytest.approx(0.5)
     assert inside.progress(6, 8) == 1.0 and inside.progress(8, 8) == 1.0

@@ -104,7 +104,7 @@ def bar(run: Run) -> nn.Module:
         BudgetAwareRegularization(**_common(run), lambda_=m.lambda_, margin=m.margin, margin_of=m.margin_of, cap=m.cap, fill=m.fill, gate_lr=m.gate_lr,
                                   gate_optimizer=m.gate_optimizer, init_log_alpha=m.init_log_alpha, penalty=m.penalty, cost_power=m.cost_power, repair=m.repair,
                                   distillation=m.distillation, distill_fine_tuning=m.distill_fine_tuning, residual=m.residual),
-        SigmoidalBudgetAnnealing(soft * float(m.anneal_fraction), hardness=m.hardness),
+        SigmoidalBudgetAnnealing(soft * float(m.anneal_fraction), hardness=m.hardness, interpolation=m.anneal_interpolation),
         HardPruning(soft, plot=False, verbose=False),
     ]
     trace = _AliveTrace(lambda: callbacks[0].method)

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_prune._checks import check_int
 from lightning_prune.callbacks.gated import require_session
-from lightning_prune.core.budget import SigmoidalTransition, finite_real
+from lightning_prune.core.budget import Budget, SigmoidalTransition, finite_real
 from lightning_prune.methods.bar import BarrierPenalty
 
 
@@ -32,9 +32,13 @@ class SigmoidalBudgetAnnealing(Callback):
         from_epoch: epoch at which the transition starts.
         hardness: ``d``; 0 gives a linear schedule, large values a step.
         start_factor: ``b0 / V0``, greater than 1 (1.01 in Lemaire et al. 2019).
+        interpolation: ``"linear"`` (the paper's formula above) or ``"geometric"``:
+            ``b(t) = b0 ** (1 - T(t, d)) * B ** T(t, d)``, equal ratios of cost in equal steps of
+            ``T`` (see :class:`~lightning_prune.core.budget.Budget`).
     """
 
-    def __init__(self, until_epoch: float, *, from_epoch: int = 0, hardness: float = 10.0, start_factor: float = 1.01) -> None:
+    def __init__(self, until_epoch: float, *, from_epoch: int = 0, hardness: float = 10.0, start_factor: float = 1.01,
+                 interpolation: str = "linear") -> None:
         check_int("from_epoch", from_epoch, 0)
         if finite_real("until_epoch", until_epoch) <= from_epoch:
             raise ValueError(f"until_epoch must be greater than from_epoch ({from_epoch}), got {until_epoch}")
@@ -46,6 +50,9 @@ class SigmoidalBudgetAnnealing(Callback):
         self.from_epoch = from_epoch
         self.hardness = self.schedule.hardness
         self.start_factor = start_factor
+        if interpolation not in Budget.INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {Budget.INTERPOLATIONS}, got {interpolation!r}")
+        self.interpolation = interpolation
 
     @property
     def state_key(self) -> str:
@@ -65,7 +72,7 @@ class SigmoidalBudgetAnnealing(Callback):
                 "SigmoidalBudgetAnnealing needs exactly one BudgetAwareRegularization callback in the Trainer "
                 f"(the budget it anneals is BAR's barrier), found the {session.method.name} method"
             )
-        session.when_traced(lambda s: s.budget.anneal(self.schedule, self.start_factor))
+        session.when_traced(lambda s: s.budget.anneal(self.schedule, self.start_factor, self.interpolation))
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         session = require_session(pl_module, "SigmoidalBudgetAnnealing")

@@ -222,8 +222,13 @@ class Budget:
         schedule: ``None`` (the budget is the target from the start) or a function of progress
             ``t`` in [0, 1] giving the transition ``T(t)`` from the start budget to the target
             (:class:`SigmoidalTransition`); the current budget is
-            ``(1 - T(t)) * start_factor * full + T(t) * target``.
+            ``(1 - T(t)) * start_factor * full + T(t) * target`` (``interpolation="linear"``) or
+            ``(start_factor * full) ** (1 - T(t)) * target ** T(t)`` (``"geometric"``).
         start_factor: the start budget over the full cost (> 1; 1.01 in Lemaire et al. 2019).
+        interpolation: ``"linear"`` (Lemaire et al. 2019) moves the budget by equal amounts of
+            cost, so at a large factor most of the relative reduction comes at the end of the
+            schedule (factor 32, hardness 10: from 1.36x the target to 1x in its last tenth);
+            ``"geometric"`` moves it by equal ratios.
     """
 
     fraction: float
@@ -232,6 +237,9 @@ class Budget:
     floor: int
     schedule: Callable[[float], float] | None = None
     start_factor: float = 1.01
+    interpolation: str = "linear"
+
+    INTERPOLATIONS = ("linear", "geometric")
 
     @classmethod
     def of(cls, fraction: float, cost: str, full: float, floor: int) -> Budget:
@@ -265,14 +273,17 @@ class Budget:
         finally:
             self.fraction = own
 
-    def anneal(self, schedule: Callable[[float], float], start_factor: float = 1.01) -> None:
-        """Move the budget from ``start_factor * full`` to the target along ``schedule``."""
+    def anneal(self, schedule: Callable[[float], float], start_factor: float = 1.01, interpolation: str = "linear") -> None:
+        """Move the budget from ``start_factor * full`` to the target along ``schedule``, by
+        equal amounts (``interpolation="linear"``) or equal ratios (``"geometric"``) of cost."""
         if not callable(schedule):
             raise TypeError(f"schedule must be a function of progress in [0, 1], got {type(schedule).__name__}")
         start_factor = finite_real("start_factor", start_factor)
         if start_factor <= 1:
             raise ValueError(f"start_factor must be > 1 (the start budget lies just above the full cost), got {start_factor}")
-        self.schedule, self.start_factor = schedule, start_factor
+        if interpolation not in self.INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {self.INTERPOLATIONS}, got {interpolation!r}")
+        self.schedule, self.start_factor, self.interpolation = schedule, start_factor, interpolation
 
     def current(self, t: float) -> float:
         """The budget ``b`` at progress ``t`` of the schedule (never below the target)."""
@@ -280,6 +291,8 @@ class Budget:
             return self.target
         transition = self.schedule(t)
         start = self.start_factor * self.full
+        if self.interpolation == "geometric":
+            return max(self.target, start ** (1.0 - transition) * self.target ** transition)
         return max(self.target, (1.0 - transition) * start + transition * self.target)
 
     MARGINS_OF = ("target", "current")
