@@ -74,6 +74,25 @@ def test_annealing_moves_per_step_along_the_sigmoid():
     assert inside.progress(6, 8) == 1.0 and inside.progress(8, 8) == 1.0
 
 
+def test_annealing_inside_an_epoch_and_by_ratios_in_a_fit():
+    """until_epoch=0.5 and interpolation="geometric" reach the session: the budget is the target
+    from the middle of the first epoch on, and the schedule moves it by equal ratios."""
+    bar = BudgetAwareRegularization(factor=4, cost="macs", example_input=TINY, verbose=False)
+    seen = []
+
+    class Watch(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(bar.session.progress)
+
+    t = trainer(max_epochs=1, callbacks=[bar, SigmoidalBudgetAnnealing(until_epoch=0.5, interpolation="geometric"), Watch()])
+    t.fit(ForeignModule(), tiny_loader(batch_size=16))  # 8 steps: progress 1 from the 4th on
+    assert seen == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0])
+    budget = bar.session.budget
+    assert budget.interpolation == "geometric"
+    start = budget.start_factor * budget.full
+    assert budget.current(0.5) == pytest.approx((start * budget.target) ** 0.5)
+
+
 def test_distillation_gradient_blends_user_loss_and_kd():
     torch.manual_seed(0)
     logits = torch.randn(5, 3, requires_grad=True)
