@@ -124,7 +124,8 @@ def dirichlet(run: Run) -> nn.Module:
     switch = max(1, min(run.epochs - 1, int(m.switch_epochs)))
     callbacks = [
         DirichletImportance(**_common(run), alpha0=m.alpha0, gate_lr=m.gate_lr, allocation=m.allocation, fill=m.fill, epochs=switch,
-                            distill_fine_tuning=m.distill_fine_tuning, residual=m.residual),
+                            distill_fine_tuning=m.distill_fine_tuning, residual=m.residual, freeze_weights=m.freeze_weights,
+                            estimator=m.estimator),
         HardPruning(switch, plot=False, verbose=False),
     ]
     run.info["prune_epoch"] = switch
