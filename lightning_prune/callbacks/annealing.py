@@ -43,16 +43,10 @@ class SigmoidalBudgetAnnealing(Callback):
         if finite_real("until_epoch", until_epoch) <= from_epoch:
             raise ValueError(f"until_epoch must be greater than from_epoch ({from_epoch}), got {until_epoch}")
         self.schedule = SigmoidalTransition(hardness)
-        start_factor = finite_real("start_factor", start_factor)
-        if start_factor <= 1:
-            raise ValueError(f"start_factor must be > 1 (the start budget lies just above the full cost), got {start_factor}")
+        self.start_factor, self.interpolation = Budget.checked_annealing(start_factor, interpolation)
         self.until_epoch = until_epoch
         self.from_epoch = from_epoch
         self.hardness = self.schedule.hardness
-        self.start_factor = start_factor
-        if interpolation not in Budget.INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {Budget.INTERPOLATIONS}, got {interpolation!r}")
-        self.interpolation = interpolation
 
     @property
     def state_key(self) -> str:

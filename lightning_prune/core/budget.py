@@ -278,12 +278,19 @@ class Budget:
         equal amounts (``interpolation="linear"``) or equal ratios (``"geometric"``) of cost."""
         if not callable(schedule):
             raise TypeError(f"schedule must be a function of progress in [0, 1], got {type(schedule).__name__}")
+        self.schedule = schedule
+        self.start_factor, self.interpolation = self.checked_annealing(start_factor, interpolation)
+
+    @classmethod
+    def checked_annealing(cls, start_factor: float, interpolation: str) -> tuple[float, str]:
+        """``(start_factor, interpolation)`` of :meth:`anneal`, checked: ``TypeError`` /
+        ``ValueError`` naming the argument."""
         start_factor = finite_real("start_factor", start_factor)
         if start_factor <= 1:
             raise ValueError(f"start_factor must be > 1 (the start budget lies just above the full cost), got {start_factor}")
-        if interpolation not in self.INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {self.INTERPOLATIONS}, got {interpolation!r}")
-        self.schedule, self.start_factor, self.interpolation = schedule, start_factor, interpolation
+        if interpolation not in cls.INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {cls.INTERPOLATIONS}, got {interpolation!r}")
+        return start_factor, interpolation
 
     def current(self, t: float) -> float:
         """The budget ``b`` at progress ``t`` of the schedule (never below the target)."""
