@@ -69,6 +69,10 @@ def test_annealing_moves_per_step_along_the_sigmoid():
     assert geometric.current(0.0) == pytest.approx(1010) and geometric.current(1.0) == pytest.approx(100)
     with pytest.raises(ValueError, match="interpolation must be one of"):
         SigmoidalBudgetAnnealing(until_epoch=1, interpolation="log")
+    with pytest.raises(ValueError, match="start_factor must be > 1"):
+        SigmoidalBudgetAnnealing(until_epoch=1, start_factor=1.0)
+    with pytest.raises(ValueError, match="interpolation must be one of"):
+        geometric.anneal(annealing.schedule, annealing.start_factor, "log")
     inside = SigmoidalBudgetAnnealing(until_epoch=0.75)  # the target reached inside the first epoch
     assert inside.progress(3, 8) == pytest.approx(0.5)
     assert inside.progress(6, 8) == 1.0 and inside.progress(8, 8) == 1.0
