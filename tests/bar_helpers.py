@@ -10,14 +10,16 @@ from torch.utils.data import DataLoader, TensorDataset
 
 
 class TinyCNN(nn.Module):
-    """conv 8 (-> BN) -> pool -> conv 12 -> global pool -> linear 4, for 1x8x8 inputs."""
+    """conv 8 (-> BN) -> pool -> conv 12 -> global pool -> linear 4, for 1x8x8 inputs
+    (``widths``: the two convolutions' output channels, 8 and 12 unless given)."""
 
-    def __init__(self, batch_norm: bool = True) -> None:
+    def __init__(self, batch_norm: bool = True, widths: tuple[int, int] = (8, 12)) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8) if batch_norm else nn.Identity()
-        self.conv2 = nn.Conv2d(8, 12, 3, padding=1)
-        self.head = nn.Linear(12, 4)
+        first, second = widths
+        self.conv1 = nn.Conv2d(1, first, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(first) if batch_norm else nn.Identity()
+        self.conv2 = nn.Conv2d(first, second, 3, padding=1)
+        self.head = nn.Linear(second, 4)
 
     def forward(self, x):
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
@@ -29,9 +31,9 @@ class ForeignModule(L.LightningModule):
     """Written unlike ImageClassifier: its own attribute names, a dict from training_step,
     its own SGD + StepLR, no forward() and no example_input_array."""
 
-    def __init__(self, lr: float = 0.05, batch_norm: bool = True) -> None:
+    def __init__(self, lr: float = 0.05, batch_norm: bool = True, widths: tuple[int, int] = (8, 12)) -> None:
         super().__init__()
-        self.backbone_and_head = TinyCNN(batch_norm)
+        self.backbone_and_head = TinyCNN(batch_norm, widths)
         self.lr = lr
 
     def training_step(self, batch, batch_idx):

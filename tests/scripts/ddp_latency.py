@@ -31,11 +31,15 @@ if __name__ == "__main__":
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(0)
-    pruning = RandomPruning(budget=0.98, cost="latency", verbose=False,
+    # Wide enough that the convolutions, not the per-call overhead, make most of the latency: the
+    # budget is then feasible on any machine (with 8 and 12 channels, one channel per group
+    # kept 0.984 of the measured latency on one machine, over a budget of 0.98; with 128 and 192,
+    # 0.12 on another).
+    pruning = RandomPruning(budget=0.75, cost="latency", verbose=False,
                             latency={"batch_size": 64, "threads": 1, "grid": 2, "repeats": 2, "cache_dir": str(out / "cache")})
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
         callbacks=[pruning, HardPruning(at_epoch=1, plot=False, verbose=False), SaveRankState(out, pruning)],
     )
-    trainer.fit(ForeignModule(batch_norm=False), tiny_loader(8, n=64, shuffle=True))  # no BN: running statistics differ per rank
+    trainer.fit(ForeignModule(batch_norm=False, widths=(128, 192)), tiny_loader(8, n=64, shuffle=True))  # no BN: running statistics differ per rank
