@@ -22,7 +22,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from lightning_prune.bench.runner import _datamodule, load_dense
+from lightning_prune.bench.runner import load_dense, task_datamodule
 from lightning_prune.bench.training import test_accuracy
 from lightning_prune.classifier import ImageClassifier
 from lightning_prune.configs import config_dir
@@ -42,7 +42,7 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(config_dir("bench")), version_base="1.3"):
         cfg = compose("bench", overrides=["task=resnet20_cifar10", f"bench_dir={HERE}"])
     L.seed_everything(0, workers=True)
-    datamodule = _datamodule(cfg)
+    datamodule = task_datamodule(cfg)
     net = load_dense(cfg, datamodule.num_classes)
     if args.start is not None:
         net.load_state_dict(torch.load(args.start, map_location="cpu", weights_only=True))

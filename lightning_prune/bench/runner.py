@@ -99,7 +99,8 @@ def toy_size(cfg: DictConfig) -> None:
             cfg.task.prune.epochs = 2
 
 
-def _datamodule(cfg: DictConfig) -> L.LightningDataModule:
+def task_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    """The task's data module (``task.data``; a subset at toy size), set up for fit and test."""
     overrides = {"subset": 256, "batch_size": 32, "eval_batch_size": 100} if cfg.toy else {}
     datamodule = instantiate(cfg.task.data, **overrides)
     datamodule.prepare_data()
@@ -140,7 +141,7 @@ def dense(cfg: DictConfig) -> dict[str, Any]:
     toy_size(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
     started = time.perf_counter()
-    datamodule = _datamodule(cfg)
+    datamodule = task_datamodule(cfg)
     net = instantiate(cfg.task.model, num_classes=datamodule.num_classes)
     source = cfg.get("dense_from")
     if source and not Path(source).is_file():
@@ -216,7 +217,7 @@ def prune(cfg: DictConfig) -> dict[str, Any]:
     toy_size(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
     started = time.perf_counter()
-    datamodule = _datamodule(cfg)
+    datamodule = task_datamodule(cfg)
     dense_net = load_dense(cfg, datamodule.num_classes).eval()
     example = torch.zeros(1, *datamodule.input_shape)
     full = count_cost(dense_net, example)
