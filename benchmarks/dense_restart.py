@@ -1,11 +1,11 @@
 """Does a longer dense schedule bring the suite's ResNet-20 to 89% on this CIFAR-10 copy? One
-more cosine cycle (SGD, Nesterov, weight decay 5e-4, the dense recipe's optimizer) continues the
+more cosine cycle (the task's warm-restart recipe, ``task.dense.restart``, from ``lr``) continues the
 suite's dense network (``benchmarks/checkpoints/resnet20_cifar10.pt``, or the weights
-``--start`` names) for ``epochs`` epochs from ``lr``, and the full test set scores it every 5 epochs. The log (one JSON line per epoch:
+``--start`` names) for ``epochs`` epochs, and the full test set scores it every 5 epochs. The log (one JSON line per epoch:
 ``train_acc`` is the accuracy of the epoch's last training batch, ``test`` the test accuracy)
 goes to ``benchmarks/dense_restart/<name>.jsonl`` and the continued network's weights to
 ``<name>.pt`` next to it (``name``: ``<epochs>-<lr>`` unless given); a killed run resumes from
-its last epoch (the Lightning checkpoint in ``benchmarks/partial/``). The suite's dense
+its last epoch (the bench's per-epoch checkpoints, in ``benchmarks/partial/``). The suite's dense
 checkpoint is not changed.
 
     LP_DATA_DIR=../shared/data python benchmarks/dense_restart.py --epochs 40 --lr 0.05 --threads 2
@@ -14,16 +14,16 @@ checkpoint is not changed.
 import argparse
 import json
 import time
-from functools import partial
 from pathlib import Path
 
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
+from omegaconf import OmegaConf
 
 from lightning_prune.bench.runner import load_dense, task_datamodule
-from lightning_prune.bench.training import test_accuracy
+from lightning_prune.bench.training import fit, resumable, test_accuracy
 from lightning_prune.classifier import ImageClassifier
 from lightning_prune.configs import config_dir
 
@@ -41,6 +41,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with initialize_config_dir(config_dir=str(config_dir("bench")), version_base="1.3"):
         cfg = compose("bench", overrides=["task=resnet20_cifar10", f"bench_dir={HERE}"])
+    recipe = OmegaConf.merge(cfg.task.dense.restart, {"optimizer": {"lr": args.lr}})
     L.seed_everything(0, workers=True)
     datamodule = task_datamodule(cfg)
     net = load_dense(cfg, datamodule.num_classes)
@@ -61,21 +62,10 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
             print(row, flush=True)
 
-    module = ImageClassifier(
-        net, datamodule.num_classes,
-        optimizer=partial(torch.optim.SGD, lr=args.lr, momentum=0.9, weight_decay=5e-4, nesterov=True),
-        scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=args.epochs),
-    )
-    checkpoints = HERE / "partial" / f"dense_restart-{name}"
-    last = checkpoints / "last.ckpt"
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        callbacks=[Score(), ModelCheckpoint(dirpath=checkpoints, filename="last", save_on_train_epoch_end=True,
-                                            enable_version_counter=False)],
-    )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
-    torch.save(module.net.state_dict(), log.with_suffix(".pt"))
+    run = OmegaConf.to_yaml({"args": {k: str(v) for k, v in vars(args).items()}, "recipe": recipe})
+    with resumable(HERE / "partial" / f"dense_restart-{name}", run, time.perf_counter()):
+        net = fit(cfg, datamodule, net, recipe, args.epochs, callbacks=[Score()])
+    torch.save(net.state_dict(), log.with_suffix(".pt"))
 
 
 if __name__ == "__main__":
