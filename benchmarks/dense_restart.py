@@ -1,5 +1,5 @@
 """Does a longer dense schedule bring the suite's ResNet-20 to 89% on this CIFAR-10 copy? One
-more cosine cycle (the task's warm-restart recipe, ``task.dense.restart``, from ``lr``) continues the
+more cosine cycle (the recipe of the task's first warm restart, ``task.dense.restarts[0]``, from ``lr``) continues the
 suite's dense network (``benchmarks/checkpoints/resnet20_cifar10.pt``, or the weights
 ``--start`` names) for ``epochs`` epochs, and the full test set scores it every 5 epochs. The log (one JSON line per epoch:
 ``train_acc`` is the accuracy of the epoch's last training batch, ``test`` the test accuracy)
@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
 from lightning_prune.bench.runner import load_dense, task_datamodule
-from lightning_prune.bench.training import fit, resumable, test_accuracy
+from lightning_prune.bench.training import dense_restarts, fit, resumable, test_accuracy
 from lightning_prune.classifier import ImageClassifier
 from lightning_prune.configs import config_dir
 
@@ -41,7 +41,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with initialize_config_dir(config_dir=str(config_dir("bench")), version_base="1.3"):
         cfg = compose("bench", overrides=["task=resnet20_cifar10", f"bench_dir={HERE}"])
-    recipe = OmegaConf.merge(cfg.task.dense.restart, {"optimizer": {"lr": args.lr}})
+    recipe = OmegaConf.merge(dense_restarts(cfg)[0], {"optimizer": {"lr": args.lr}})
     L.seed_everything(0, workers=True)
     datamodule = task_datamodule(cfg)
     net = load_dense(cfg, datamodule.num_classes)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from lightning_prune.bench import METHODS, BudgetExceeded, dense, prune, report, result_path
 from lightning_prune.bench.report import BEGIN, END, residual_table
@@ -250,6 +250,29 @@ def test_a_dense_network_trained_elsewhere_is_imported(folder: Path, tmp_path: P
     assert all(torch.equal(v, torch.load(source, weights_only=True)[k]) for k, v in imported.items())
     with pytest.raises(FileNotFoundError, match="dense_from: no file"):
         dense(bench_cfg(tmp_path / "other", "stage=dense", "task=lenet5_mnist", f"dense_from={tmp_path}/missing.pt"))
+
+
+def test_dense_warm_restarts_continue_the_training_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> None:
+    cfg = bench_cfg(tmp_path, "stage=dense", "task=lenet5_mnist")
+    adam = dict(cfg.task.dense.optimizer)
+    with open_dict(cfg):
+        cfg.task.dense.restarts = [{"epochs": 5, "optimizer": {**adam, "lr": 0.02}},
+                                   {"epochs": 7, "optimizer": {**adam, "lr": 0.005}}]
+    assert bench_training.dense_epochs(cfg) == cfg.task.dense.epochs + 12
+    calls = []
+    original = bench_runner.fit
+    monkeypatch.setattr(bench_runner, "fit", lambda c, dm, net, recipe, n, *a, **k: calls.append((recipe.optimizer.lr, n)) or original(c, dm, net, recipe, n, *a, **k))
+    record = dense(cfg)
+    assert calls == [(cfg.task.dense.optimizer.lr, 1), (0.02, 1), (0.005, 1)]  # toy size: 1 epoch each, in order
+    assert record["epochs"] == 3 and [r["optimizer"]["lr"] for r in record["recipe"]["restarts"]] == [0.02, 0.005]
+    with open_dict(cfg):
+        cfg.task.dense.restarts = [{"optimizer": adam}]
+    with pytest.raises(ValueError, match=r"task.dense.restarts\[0\]: a recipe needs 'epochs'"):
+        bench_training.dense_epochs(cfg)
+    with open_dict(cfg):
+        cfg.task.dense.restarts = {"epochs": 5, "optimizer": adam}
+    with pytest.raises(TypeError, match="task.dense.restarts: expected a list"):
+        bench_training.dense_epochs(cfg)
 
 
 def test_the_mixed_against_tied_table_pairs_runs_and_names_removed_blocks() -> None:

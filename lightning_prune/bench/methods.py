@@ -144,7 +144,7 @@ def random(run: Run) -> nn.Module:
 
 def width(run: Run) -> nn.Module:
     """The widest uniformly thinned network under the budget (bisection on the multiplier),
-    trained from scratch for the dense epochs (warm restart included) plus the pruning epochs,
+    trained from scratch for the dense epochs (warm restarts included) plus the pruning epochs,
     with the dense recipe stretched over them."""
     build = lambda w: instantiate(run.cfg.task.model, num_classes=run.datamodule.num_classes, width=w)  # noqa: E731
     low, high = 0.0, 1.0

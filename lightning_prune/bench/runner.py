@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_prune.bench.methods import METHODS, REFERENCE, Run
-from lightning_prune.bench.training import dense_epochs, fit, latency_ratios, plain, resumable, test_accuracy
+from lightning_prune.bench.training import dense_epochs, dense_restarts, fit, latency_ratios, plain, resumable, test_accuracy
 from lightning_prune.core.cost import CostModel, count_cost
 from lightning_prune.core.cost.latency import LATENCY, LatencyTable
 from lightning_prune.core.cost.latency_measure import measure_latency, time_network
@@ -94,8 +94,8 @@ def toy_size(cfg: DictConfig) -> None:
     if cfg.toy:
         with open_dict(cfg):
             cfg.task.dense.epochs = 1
-            if cfg.task.dense.get("restart"):
-                cfg.task.dense.restart.epochs = 1
+            for restart in dense_restarts(cfg):
+                restart.epochs = 1
             cfg.task.prune.epochs = 2
 
 
@@ -126,8 +126,8 @@ def _environment(cfg: DictConfig) -> dict[str, Any]:
 
 
 def dense(cfg: DictConfig) -> dict[str, Any]:
-    """Train the task's dense network once (``task.dense`` recipe, then its warm restart
-    ``task.dense.restart`` when there is one: the same training continued with that recipe's
+    """Train the task's dense network once (``task.dense`` recipe, then its warm restarts
+    ``task.dense.restarts`` in order: the same training continued with each recipe's
     optimizer and schedule) and save its weights and a JSON record next to it; an existing
     checkpoint is kept. ``dense_from=<file>`` takes the
     weights of a network trained elsewhere instead (a Lightning checkpoint of ``ImageClassifier``
@@ -151,8 +151,7 @@ def dense(cfg: DictConfig) -> dict[str, Any]:
             load_network_weights(net, source)
         else:
             net = fit(cfg, datamodule, net, cfg.task.dense, int(cfg.task.dense.epochs))
-            restart = cfg.task.dense.get("restart")
-            if restart:
+            for restart in dense_restarts(cfg):
                 net = fit(cfg, datamodule, net, restart, int(restart.epochs))
     accuracy = test_accuracy(cfg, net, datamodule)
     path.parent.mkdir(parents=True, exist_ok=True)

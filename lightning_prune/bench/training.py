@@ -31,9 +31,20 @@ TOY_BATCHES = 2  # batches per epoch (and test batches) at toy size
 
 
 def dense_epochs(cfg: DictConfig) -> int:
-    """Epochs of the task's dense recipe, its warm restart (``dense.restart``) included."""
-    restart = cfg.task.dense.get("restart")
-    return int(cfg.task.dense.epochs) + (int(restart.epochs) if restart else 0)
+    """Epochs of the task's dense recipe, its warm restarts (``dense.restarts``) included."""
+    return int(cfg.task.dense.epochs) + sum(int(restart.epochs) for restart in dense_restarts(cfg))
+
+
+def dense_restarts(cfg: DictConfig) -> list[DictConfig]:
+    """The warm restarts that continue the task's dense training, in order (``dense.restarts``:
+    a list of recipes, each with its ``epochs``, ``optimizer`` and ``scheduler``; none if absent)."""
+    restarts = cfg.task.dense.get("restarts") or []
+    if not OmegaConf.is_list(restarts) and not isinstance(restarts, list):
+        raise TypeError(f"task.dense.restarts: expected a list of recipes, got {type(restarts).__name__}")
+    for k, restart in enumerate(restarts):
+        if not OmegaConf.is_dict(restart) or "epochs" not in restart or "optimizer" not in restart:
+            raise ValueError(f"task.dense.restarts[{k}]: a recipe needs 'epochs' and 'optimizer' (and may have 'scheduler')")
+    return list(restarts)
 
 
 def scheduler_for(node: DictConfig, epochs: int, planned: int) -> Any:
