@@ -5,7 +5,8 @@ suite's dense network (``benchmarks/checkpoints/resnet20_cifar10.pt``, or the we
 ``train_acc`` is the accuracy of the epoch's last training batch, ``test`` the test accuracy)
 goes to ``benchmarks/dense_restart/<name>.jsonl`` and the continued network's weights to
 ``<name>.pt`` next to it (``name``: ``<epochs>-<lr>`` unless given); a killed run resumes from
-its last epoch (the bench's per-epoch checkpoints, in ``benchmarks/partial/``). The suite's dense
+its last epoch (the bench's per-epoch checkpoints, in ``benchmarks/partial/``, deleted once the
+weights are saved), and a finished one (its ``.pt`` exists) is skipped. The suite's dense
 checkpoint is not changed.
 
     LP_DATA_DIR=../shared/data python benchmarks/dense_restart.py --epochs 40 --lr 0.05 --threads 2
@@ -38,6 +39,11 @@ def main() -> None:
     parser.add_argument("--start", type=Path, default=None, help="a state dict to continue (default: the suite's dense network)")
     parser.add_argument("--name", default=None, help="the log's and the weights' file name (default: <epochs>-<lr>)")
     args = parser.parse_args()
+    name = args.name or f"{args.epochs}-{args.lr}"
+    log = HERE / "dense_restart" / f"{name}.jsonl"
+    if log.with_suffix(".pt").exists():
+        print(f"finished: {log.with_suffix('.pt')} exists", flush=True)
+        return
     torch.set_num_threads(args.threads)
     with initialize_config_dir(config_dir=str(config_dir("bench")), version_base="1.3"):
         cfg = compose("bench", overrides=["task=resnet20_cifar10", f"bench_dir={HERE}"])
@@ -47,8 +53,6 @@ def main() -> None:
     net = load_dense(cfg, datamodule.num_classes)
     if args.start is not None:
         net.load_state_dict(torch.load(args.start, map_location="cpu", weights_only=True))
-    name = args.name or f"{args.epochs}-{args.lr}"
-    log = HERE / "dense_restart" / f"{name}.jsonl"
     log.parent.mkdir(exist_ok=True)
 
     class Score(Callback):
@@ -63,9 +67,10 @@ def main() -> None:
             print(row, flush=True)
 
     run = OmegaConf.to_yaml({"args": {k: str(v) for k, v in vars(args).items()}, "recipe": recipe})
-    with resumable(HERE / "partial" / f"dense_restart-{name}", run, time.perf_counter()):
+    with resumable(HERE / "partial" / f"dense_restart-{name}", run, time.perf_counter()) as checkpoints:
         net = fit(cfg, datamodule, net, recipe, args.epochs, callbacks=[Score()])
     torch.save(net.state_dict(), log.with_suffix(".pt"))
+    checkpoints.delete()
 
 
 if __name__ == "__main__":
