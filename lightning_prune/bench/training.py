@@ -38,8 +38,10 @@ def dense_epochs(cfg: DictConfig) -> int:
 def dense_restarts(cfg: DictConfig) -> list[DictConfig]:
     """The warm restarts that continue the task's dense training, in order (``dense.restarts``:
     a list of recipes, each with its ``epochs``, ``optimizer`` and ``scheduler``; none if absent)."""
-    restarts = cfg.task.dense.get("restarts") or []
-    if not OmegaConf.is_list(restarts) and not isinstance(restarts, list):
+    restarts = cfg.task.dense.get("restarts")
+    if restarts is None:
+        return []
+    if not OmegaConf.is_list(restarts):
         raise TypeError(f"task.dense.restarts: expected a list of recipes, got {type(restarts).__name__}")
     for k, restart in enumerate(restarts):
         if not OmegaConf.is_dict(restart) or "epochs" not in restart or "optimizer" not in restart:
