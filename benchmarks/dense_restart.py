@@ -20,6 +20,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
@@ -50,8 +51,10 @@ def main() -> None:
     recipe = OmegaConf.merge(dense_restarts(cfg)[0], {"optimizer": {"lr": args.lr}})
     L.seed_everything(0, workers=True)
     datamodule = task_datamodule(cfg)
-    net = load_dense(cfg, datamodule.num_classes)
-    if args.start is not None:
+    if args.start is None:
+        net = load_dense(cfg, datamodule.num_classes)
+    else:
+        net = instantiate(cfg.task.model, num_classes=datamodule.num_classes)
         net.load_state_dict(torch.load(args.start, map_location="cpu", weights_only=True))
     log.parent.mkdir(exist_ok=True)
 
@@ -62,8 +65,10 @@ def main() -> None:
             if epoch % 5 == 0 or epoch == args.epochs:
                 row["test"] = test_accuracy(cfg, module.net, datamodule)
                 module.net.train()
-            with log.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            # rewrite the log without this epoch's line or later ones: a run killed after its line
+            # but before Lightning's checkpoint of the epoch repeats the epoch when it resumes
+            rows = [line for line in log.read_text().splitlines() if json.loads(line)["epoch"] < epoch] if log.exists() else []
+            log.write_text("".join(line + "\n" for line in rows + [json.dumps(row)]))
             print(row, flush=True)
 
     run = OmegaConf.to_yaml({"args": {k: str(v) for k, v in vars(args).items()}, "recipe": recipe})
