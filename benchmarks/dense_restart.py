@@ -71,7 +71,8 @@ def main() -> None:
             log.write_text("".join(line + "\n" for line in rows + [json.dumps(row)]))
             print(row, flush=True)
 
-    run = OmegaConf.to_yaml({"args": {k: str(v) for k, v in vars(args).items()}, "recipe": recipe})
+    # the run's identity: a resume with another --threads continues the same run
+    run = OmegaConf.to_yaml({"args": {k: str(v) for k, v in vars(args).items() if k != "threads"}, "recipe": recipe})
     with resumable(HERE / "partial" / f"dense_restart-{name}", run, time.perf_counter()) as checkpoints:
         net = fit(cfg, datamodule, net, recipe, args.epochs, callbacks=[Score()])
     torch.save(net.state_dict(), log.with_suffix(".pt"))
