@@ -7,9 +7,12 @@ goes to ``benchmarks/dense_restart/<name>.jsonl`` and the continued network's we
 ``<name>.pt`` next to it (``name``: ``<epochs>-<lr>`` unless given); a killed run resumes from
 its last epoch (the bench's per-epoch checkpoints, in ``benchmarks/partial/``, deleted once the
 weights are saved), and a finished one (its ``.pt`` exists) is skipped. The suite's dense
-checkpoint is not changed.
+checkpoint is not changed. With ``--scratch`` the network starts from a fresh initialisation
+(seed 0) and trains with the task's first dense recipe (``task.dense``: cosine from ``lr``) stretched
+to ``epochs``: one long schedule instead of a continuation (name ``scratch-<epochs>-<lr>``).
 
     LP_DATA_DIR=../shared/data python benchmarks/dense_restart.py --epochs 40 --lr 0.05 --threads 2
+    LP_DATA_DIR=../shared/data python benchmarks/dense_restart.py --scratch --epochs 200 --lr 0.1 --threads 2
 """
 
 import argparse
@@ -38,9 +41,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--start", type=Path, default=None, help="a state dict to continue (default: the suite's dense network)")
-    parser.add_argument("--name", default=None, help="the log's and the weights' file name (default: <epochs>-<lr>)")
+    parser.add_argument("--scratch", action="store_true", help="train a freshly initialised network with the task's dense recipe")
+    parser.add_argument("--name", default=None, help="the log's and the weights' file name (default: [scratch-]<epochs>-<lr>)")
     args = parser.parse_args()
-    name = args.name or f"{args.epochs}-{args.lr}"
+    if args.scratch and args.start is not None:
+        parser.error("--scratch trains a fresh network: it takes no --start")
+    name = args.name or f"{'scratch-' if args.scratch else ''}{args.epochs}-{args.lr}"
     log = HERE / "dense_restart" / f"{name}.jsonl"
     if log.with_suffix(".pt").exists():
         print(f"finished: {log.with_suffix('.pt')} exists", flush=True)
@@ -48,10 +54,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with initialize_config_dir(config_dir=str(config_dir("bench")), version_base="1.3"):
         cfg = compose("bench", overrides=["task=resnet20_cifar10", f"bench_dir={HERE}"])
-    recipe = OmegaConf.merge(dense_restarts(cfg)[0], {"optimizer": {"lr": args.lr}})
+    base = OmegaConf.masked_copy(cfg.task.dense, ["optimizer", "scheduler"]) if args.scratch else dense_restarts(cfg)[0]
+    recipe = OmegaConf.merge(base, {"optimizer": {"lr": args.lr}})
     L.seed_everything(0, workers=True)
     datamodule = task_datamodule(cfg)
-    if args.start is None:
+    if args.scratch:
+        net = instantiate(cfg.task.model, num_classes=datamodule.num_classes)
+    elif args.start is None:
         net = load_dense(cfg, datamodule.num_classes)
     else:
         net = instantiate(cfg.task.model, num_classes=datamodule.num_classes)
@@ -71,8 +80,10 @@ def main() -> None:
             log.write_text("".join(line + "\n" for line in rows + [json.dumps(row)]))
             print(row, flush=True)
 
-    # the run's identity: a resume with another --threads continues the same run
-    run = OmegaConf.to_yaml({"args": {k: str(v) for k, v in vars(args).items() if k != "threads"}, "recipe": recipe})
+    # the run's identity: a resume with another --threads continues the same run, and a continuation
+    # (no --scratch) keeps the identity it had before the flag existed
+    identity = {k: str(v) for k, v in vars(args).items() if k != "threads" and not (k == "scratch" and not v)}
+    run = OmegaConf.to_yaml({"args": identity, "recipe": recipe})
     with resumable(HERE / "partial" / f"dense_restart-{name}", run, time.perf_counter()) as checkpoints:
         net = fit(cfg, datamodule, net, recipe, args.epochs, callbacks=[Score()])
     torch.save(net.state_dict(), log.with_suffix(".pt"))
