@@ -10,6 +10,7 @@ weights are saved), and a finished one (its ``.pt`` exists) is skipped. The suit
 checkpoint is not changed. With ``--scratch`` the network starts from a fresh initialisation
 (seed 0) and trains with the task's first dense recipe (``task.dense``: cosine from ``lr``) stretched
 to ``epochs``: one long schedule instead of a continuation (name ``scratch-<epochs>-<lr>``).
+``--label-smoothing`` smooths the training loss's targets (the recipe's ``label_smoothing``).
 
     LP_DATA_DIR=../shared/data python benchmarks/dense_restart.py --epochs 40 --lr 0.05 --threads 2
     LP_DATA_DIR=../shared/data python benchmarks/dense_restart.py --scratch --epochs 200 --lr 0.1 --threads 2
@@ -42,11 +43,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--start", type=Path, default=None, help="a state dict to continue (default: the suite's dense network)")
     parser.add_argument("--scratch", action="store_true", help="train a freshly initialised network with the task's dense recipe")
-    parser.add_argument("--name", default=None, help="the log's and the weights' file name (default: [scratch-]<epochs>-<lr>)")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the training loss")
+    parser.add_argument("--name", default=None, help="the log's and the weights' file name (default: [scratch-]<epochs>-<lr>[-ls<label smoothing>])")
     args = parser.parse_args()
     if args.scratch and args.start is not None:
         parser.error("--scratch trains a fresh network: it takes no --start")
-    name = args.name or f"{'scratch-' if args.scratch else ''}{args.epochs}-{args.lr}"
+    if not 0 <= args.label_smoothing < 1:
+        parser.error(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    name = args.name or (f"{'scratch-' if args.scratch else ''}{args.epochs}-{args.lr}"
+                         + (f"-ls{args.label_smoothing}" if args.label_smoothing else ""))
     log = HERE / "dense_restart" / f"{name}.jsonl"
     if log.with_suffix(".pt").exists():
         print(f"finished: {log.with_suffix('.pt')} exists", flush=True)
@@ -56,6 +61,8 @@ def main() -> None:
         cfg = compose("bench", overrides=["task=resnet20_cifar10", f"bench_dir={HERE}"])
     base = OmegaConf.masked_copy(cfg.task.dense, ["optimizer", "scheduler"]) if args.scratch else dense_restarts(cfg)[0]
     recipe = OmegaConf.merge(base, {"optimizer": {"lr": args.lr}})
+    if args.label_smoothing:
+        recipe.label_smoothing = args.label_smoothing
     L.seed_everything(0, workers=True)
     datamodule = task_datamodule(cfg)
     if args.scratch:
@@ -82,7 +89,7 @@ def main() -> None:
 
     # the run's identity: a resume with another --threads continues the same run, and a continuation
     # (no --scratch) keeps the identity it had before the flag existed
-    identity = {k: str(v) for k, v in vars(args).items() if k != "threads" and not (k == "scratch" and not v)}
+    identity = {k: str(v) for k, v in vars(args).items() if k != "threads" and not (k in ("scratch", "label_smoothing") and not v)}
     run = OmegaConf.to_yaml({"args": identity, "recipe": recipe})
     with resumable(HERE / "partial" / f"dense_restart-{name}", run, time.perf_counter()) as checkpoints:
         net = fit(cfg, datamodule, net, recipe, args.epochs, callbacks=[Score()])

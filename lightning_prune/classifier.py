@@ -39,6 +39,9 @@ class ImageClassifier(L.LightningModule):
             (Hydra: ``_partial_: true``).
         scheduler: optional factory taking the optimizer.
         scheduler_interval: ``"epoch"`` or ``"step"``.
+        label_smoothing: the training loss's label smoothing, in [0, 1) (Szegedy et al.,
+            "Rethinking the Inception Architecture for Computer Vision", arXiv:1512.00567, Sec. 7);
+            validation and test losses are the plain cross-entropy.
     """
 
     def __init__(
@@ -48,6 +51,7 @@ class ImageClassifier(L.LightningModule):
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
         scheduler_interval: str = "epoch",
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
@@ -60,11 +64,14 @@ class ImageClassifier(L.LightningModule):
             raise TypeError("scheduler must be None or a callable taking the optimizer (Hydra: _partial_: true)")
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
         self.net = net
         self.num_classes = num_classes
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
+        self.label_smoothing = float(label_smoothing)
         enable_pruned_loading(self)  # checkpoints of a shrunk network load (load_from_checkpoint too)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -76,7 +83,7 @@ class ImageClassifier(L.LightningModule):
     def _step(self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy) -> Tensor:
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
         metric(logits, y)
         self.log(f"{stage}/loss", loss, prog_bar=stage != "train", sync_dist=stage != "train")
         self.log(f"{stage}/acc", metric, prog_bar=True)

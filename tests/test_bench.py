@@ -275,6 +275,24 @@ def test_dense_warm_restarts_continue_the_training_in_order(tmp_path: Path, monk
         bench_training.dense_epochs(cfg)
 
 
+def test_a_recipes_label_smoothing_reaches_the_training_loss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> None:
+    from lightning_prune.classifier import ImageClassifier
+
+    cfg = bench_cfg(tmp_path, "stage=dense", "task=lenet5_mnist")
+    with open_dict(cfg):
+        cfg.task.dense.label_smoothing = 0.2
+    seen = []
+
+    class Recording(ImageClassifier):
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            seen.append(self.label_smoothing)
+            return super().training_step(batch, batch_idx)
+
+    monkeypatch.setattr(bench_training, "ImageClassifier", Recording)
+    assert dense(cfg)["recipe"]["label_smoothing"] == 0.2
+    assert seen and set(seen) == {0.2}
+
+
 def test_the_mixed_against_tied_table_pairs_runs_and_names_removed_blocks() -> None:
     def row(method: str, factor: float, acc: float, macs: int, widths: dict[str, int]) -> dict:
         return {"task": "resnet20_cifar10", "method": method, "cost": "volume", "factor": factor, "test_accuracy": acc,

@@ -161,7 +161,7 @@ def _saved_epoch(path: Path) -> tuple[Path, int] | None:
 def fit(cfg: DictConfig, datamodule: L.LightningDataModule, net: nn.Module, recipe: DictConfig, epochs: int,
         callbacks: Sequence[Callback] = (), planned: int | None = None) -> nn.Module:
     """Train ``net`` for ``epochs`` with ``recipe`` (``optimizer``, ``scheduler``: Hydra partials
-    written for ``planned`` epochs) and ``callbacks``; return the trained network, exported
+    written for ``planned`` epochs; optional ``label_smoothing`` of the training loss) and ``callbacks``; return the trained network, exported
     (shrunk, without gates) when a pruning method's callback ran. ``epochs=0`` returns ``net`` as it is.
     Inside :func:`resumable`, training continues from this fit's last saved epoch when there is one
     (with the random generators' states saved with it, see :class:`_RunState`)."""
@@ -171,6 +171,7 @@ def fit(cfg: DictConfig, datamodule: L.LightningDataModule, net: nn.Module, reci
     module = ImageClassifier(
         net, datamodule.num_classes, optimizer=instantiate(recipe.optimizer),
         scheduler=scheduler_for(recipe.scheduler, epochs, planned or epochs) if recipe.get("scheduler") else None,
+        label_smoothing=recipe.get("label_smoothing", 0.0),
     )
     checkpoints = _ACTIVE.get()
     if checkpoints is None:
