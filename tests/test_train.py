@@ -221,12 +221,12 @@ def test_a_latency_budget_through_the_configs(tmp_path, data_dir, capsys):
     the latency model is measured (into the cache folder given), hard pruning keeps the predicted
     latency under the budget and the report shows predicted and measured latency."""
     cfg = compose_train(
-        ["pruning=random", "budget=[factor2,latency]", "budget.latency.batch_size=64", f"+budget.latency.cache_dir={tmp_path / 'lat'}",
-         "+budget.latency.grid=3", "+budget.latency.repeats=2",
+        ["pruning=random", "budget=[factor2,latency]", "budget.latency.batch_size=256", f"+budget.latency.cache_dir={tmp_path / 'lat'}",
+         "+budget.latency.grid=3", "+budget.latency.repeats=5",
          "pruning.prune_epoch=1", "trainer.max_epochs=2", "scheduler.milestones=[1]", "data.subset=512",
          "trainer.limit_val_batches=1", "test=false", "data.eval_batch_size=256"], tmp_path
     )
-    assert cfg.pruning.random.cost == "latency" and cfg.pruning.random.latency.batch_size == 64
+    assert cfg.pruning.random.cost == "latency" and cfg.pruning.random.latency.batch_size == 256
     run(cfg)
     out = capsys.readouterr().out
     assert "latency budget : predicted " in out
