@@ -59,19 +59,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with initialize_config_dir(config_dir=str(config_dir("bench")), version_base="1.3"):
         cfg = compose("bench", overrides=["task=resnet20_cifar10", f"bench_dir={HERE}"])
-    base = OmegaConf.masked_copy(cfg.task.dense, ["optimizer", "scheduler"]) if args.scratch else dense_restarts(cfg)[0]
+    # --scratch: the first dense recipe without its length and its restarts
+    base = OmegaConf.masked_copy(cfg.task.dense, [k for k in cfg.task.dense if k not in ("epochs", "restarts")]) if args.scratch else dense_restarts(cfg)[0]
     recipe = OmegaConf.merge(base, {"optimizer": {"lr": args.lr}})
     if args.label_smoothing:
         recipe.label_smoothing = args.label_smoothing
     L.seed_everything(0, workers=True)
     datamodule = task_datamodule(cfg)
-    if args.scratch:
-        net = instantiate(cfg.task.model, num_classes=datamodule.num_classes)
-    elif args.start is None:
+    if args.start is None and not args.scratch:
         net = load_dense(cfg, datamodule.num_classes)
     else:
         net = instantiate(cfg.task.model, num_classes=datamodule.num_classes)
-        net.load_state_dict(torch.load(args.start, map_location="cpu", weights_only=True))
+        if args.start is not None:
+            net.load_state_dict(torch.load(args.start, map_location="cpu", weights_only=True))
     log.parent.mkdir(exist_ok=True)
 
     class Score(Callback):
@@ -87,8 +87,8 @@ def main() -> None:
             log.write_text("".join(line + "\n" for line in rows + [json.dumps(row)]))
             print(row, flush=True)
 
-    # the run's identity: a resume with another --threads continues the same run, and a continuation
-    # (no --scratch) keeps the identity it had before the flag existed
+    # the run's identity: a resume with another --threads continues the same run, and a run without
+    # --scratch or --label-smoothing keeps the identity it had before those flags existed
     identity = {k: str(v) for k, v in vars(args).items() if k != "threads" and not (k in ("scratch", "label_smoothing") and not v)}
     run = OmegaConf.to_yaml({"args": identity, "recipe": recipe})
     with resumable(HERE / "partial" / f"dense_restart-{name}", run, time.perf_counter()) as checkpoints:

@@ -161,8 +161,9 @@ def _saved_epoch(path: Path) -> tuple[Path, int] | None:
 def fit(cfg: DictConfig, datamodule: L.LightningDataModule, net: nn.Module, recipe: DictConfig, epochs: int,
         callbacks: Sequence[Callback] = (), planned: int | None = None) -> nn.Module:
     """Train ``net`` for ``epochs`` with ``recipe`` (``optimizer``, ``scheduler``: Hydra partials
-    written for ``planned`` epochs; optional ``label_smoothing`` of the training loss) and ``callbacks``; return the trained network, exported
-    (shrunk, without gates) when a pruning method's callback ran. ``epochs=0`` returns ``net`` as it is.
+    written for ``planned`` epochs; optional ``label_smoothing`` of the training loss) and
+    ``callbacks``; return the trained network, exported (shrunk, without gates) when a pruning
+    method's callback ran. ``epochs=0`` returns ``net`` as it is.
     Inside :func:`resumable`, training continues from this fit's last saved epoch when there is one
     (with the random generators' states saved with it, see :class:`_RunState`)."""
     if epochs == 0:
