@@ -5,17 +5,21 @@ callback times every training batch (forward, backward, BAR's penalty and gate s
 optimizer step). The runs alternate (plain, BAR, plain, BAR, ...) so that load from other
 processes affects both alike; the ratio of the medians over all timed steps is reported.
 
-Usage: ``python benchmarks/bar_overhead.py [--model lenet5|resnet20] [--rounds 3] [--steps 40]``
+Usage: ``python benchmarks/bar_overhead.py [--model lenet5|resnet20] [--rounds 3] [--steps 40] [--out file.json]``;
+prints a Markdown section (and, with ``--out``, writes the medians and the run's context as JSON).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import statistics
+import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -25,6 +29,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_prune.callbacks import BudgetAwareRegularization, SigmoidalBudgetAnnealing
 from lightning_prune.classifier import ImageClassifier
 from lightning_prune.models import CifarResNet, LeNet5
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shrink_speedup import _cpu_name  # noqa: E402  (the sibling benchmark script's machine name)
+
+WARMUP_STEPS = 3  # the first steps of every run are not timed
 
 MODELS = {
     "lenet5": (lambda: LeNet5(), (1, 28, 28), "macs"),
@@ -49,7 +58,7 @@ def run(model: str, gated: bool, steps: int, batch: int) -> list[float]:
     L.seed_everything(0)
     data = TensorDataset(torch.randn(steps * batch, *shape), torch.randint(0, 10, (steps * batch,)))
     module = ImageClassifier(factory(), 10, optimizer=partial(torch.optim.Adam, lr=1e-3))
-    timer = StepTimer(skip=3)
+    timer = StepTimer(skip=WARMUP_STEPS)
     callbacks: list[Callback] = [timer]
     if gated:
         callbacks += [BudgetAwareRegularization(factor=4, cost=cost, example_input=shape, verbose=False),
@@ -60,30 +69,46 @@ def run(model: str, gated: bool, steps: int, batch: int) -> list[float]:
     return timer.times
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="lenet5")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=None, help="also write the medians and the run's context to this JSON file")
+    args = parser.parse_args(argv)
+    if min(args.rounds, args.batch, args.threads) < 1 or args.steps <= WARMUP_STEPS:
+        parser.error(f"--rounds, --batch and --threads must be >= 1, --steps above {WARMUP_STEPS} (the untimed warm-up steps of each run)")
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
+    started = datetime.datetime.now().astimezone()
     plain: list[float] = []
     gated: list[float] = []
     for _ in range(args.rounds):
         plain += run(args.model, False, args.steps, args.batch)
         gated += run(args.model, True, args.steps, args.batch)
     ratio = statistics.median(gated) / statistics.median(plain)
+    load_after = os.getloadavg()[0]
+    command = f"python benchmarks/bar_overhead.py {' '.join(sys.argv[1:] if argv is None else argv)}".strip()
     print(f"## BAR training-step overhead ({args.model}, batch {args.batch})\n")
-    print(f"`python benchmarks/bar_overhead.py --model {args.model} --rounds {args.rounds} --steps {args.steps} "
-          f"--batch {args.batch} --threads {args.threads}`, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, "
-          f"2-core CPU, {args.threads} threads, 1-min load average {load:.1f} -> {os.getloadavg()[0]:.1f}\n")
+    print(f"`{command}`, {started:%Y-%m-%d %H:%M %Z}, "
+          f"2-core CPU, {args.threads} threads, 1-min load average {load:.1f} -> {load_after:.1f}\n")
     print("| variant | median step (ms) | steps timed |\n|---|---:|---:|")
     print(f"| plain | {1000 * statistics.median(plain):.1f} | {len(plain)} |")
     print(f"| with BAR gates | {1000 * statistics.median(gated):.1f} | {len(gated)} |")
     print(f"\nstep time with gates / without: **{ratio:.3f}**")
+    record = {
+        "command": command, "date": f"{started:%Y-%m-%d %H:%M %Z}", "machine": _cpu_name(), "torch": torch.__version__,
+        "model": args.model, "batch": args.batch, "threads": args.threads, "rounds": args.rounds, "steps": args.steps,
+        "load_average_1min": {"before": load, "after": load_after},
+        "median_step_ms": {"plain": 1000 * statistics.median(plain), "gated": 1000 * statistics.median(gated)},
+        "steps_timed": {"plain": len(plain), "gated": len(gated)}, "ratio": ratio,
+    }
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
+    return record
 
 
 if __name__ == "__main__":

@@ -1,0 +1,41 @@
+"""benchmarks/bar_overhead.py at toy size: the JSON it writes holds the medians it prints and their
+ratio, and a run too short to time anything is refused."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("bar_overhead_bench", BENCHMARKS / "bar_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_toy_run_writes_the_medians_and_their_ratio(tmp_path: Path, capsys) -> None:
+    threads = torch.get_num_threads()
+    out = tmp_path / "overhead" / "lenet5.json"
+    record = _script().main(["--model", "lenet5", "--rounds", "2", "--steps", "5", "--batch", "8", "--threads", "1", "--out", str(out)])
+    torch.set_num_threads(threads)
+    assert json.loads(out.read_text()) == record
+    assert record["model"] == "lenet5" and record["threads"] == 1 and record["batch"] == 8
+    assert record["steps_timed"] == {"plain": 4, "gated": 4}  # 2 rounds x (5 steps - 3 warm-up)
+    median = record["median_step_ms"]
+    assert median["plain"] > 0 and median["gated"] > 0
+    assert record["ratio"] == pytest.approx(median["gated"] / median["plain"])
+    assert record["command"] == "python benchmarks/bar_overhead.py --model lenet5 --rounds 2 --steps 5 --batch 8 --threads 1 --out " + str(out)
+    assert f"**{record['ratio']:.3f}**" in capsys.readouterr().out
+
+
+def test_a_run_with_no_timed_step_is_refused(capsys) -> None:
+    with pytest.raises(SystemExit):
+        _script().main(["--steps", "3"])
+    assert "--steps above 3" in capsys.readouterr().err
