@@ -4,14 +4,12 @@ arXiv:2011.05985).
 
 Four steps, each a subcommand (results go to ``--out``, one JSON file per step):
 
-    python benchmarks/dirichlet_lenet5.py dense --out runs/dirichlet            # train the dense net once
-    python benchmarks/dirichlet_lenet5.py prune --out runs/dirichlet --variant mean
-    python benchmarks/dirichlet_lenet5.py prune --out runs/dirichlet --variant gamma150
-    python benchmarks/dirichlet_lenet5.py prune --out runs/dirichlet --variant joint
-    python benchmarks/dirichlet_lenet5.py prune --out runs/dirichlet --variant joint_score        # ablation
-    python benchmarks/dirichlet_lenet5.py prune --out runs/dirichlet --variant mean_paper_widths  # widths 5-8-15
-    python benchmarks/dirichlet_lenet5.py time  --out runs/dirichlet            # gamma vs mean epoch time
-    python benchmarks/dirichlet_lenet5.py table --out runs/dirichlet            # markdown rows
+    out=benchmarks/results/dirichlet_lenet5
+    python benchmarks/dirichlet_lenet5.py dense --out $out --epochs 8       # train the dense net once
+    python benchmarks/dirichlet_lenet5.py prune --out $out --variant V      # V: mean, gamma150, joint, joint_gamma150,
+                                                                            #    joint_score, mean_paper_widths
+    python benchmarks/dirichlet_lenet5.py time --out $out --time-samples 5120   # gamma vs mean epoch time
+    python benchmarks/dirichlet_lenet5.py table --out $out                  # the Markdown table of the prune steps
 
 ``prune`` starts from the saved dense network (weights loaded before fit, so the switch phase
 starts at epoch 0), learns the switches with the weights frozen on a fixed random subset of
@@ -62,11 +60,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # count of fc1 *inputs*, pruned weight-wise; channel pruning keeps conv2 x 16 = 128 of them)
     "mean_paper_widths": dict(estimator="mean", layerwise=True, widths=[5, 8, 15]),
 }
-PAPER = {  # Adamczewski and Park 2021, suppl. Table 1: architecture (conv1-conv2-fc1 inputs-fc1 outputs), error %, FLOPs, params
-    "mean": ("5-8-45-15", 1.1, "140K", "5.5K"),
-    "gamma150": ("6-8-40-20", 1.1, "168K", "6K"),
-    "joint": ("6-7-35-17", 1.1, "158K", "5.5K"),
-    "mean_paper_widths": ("5-8-45-15", 1.1, "140K", "5.5K"),
+PAPER = {  # Adamczewski and Park 2021, suppl. Table 1: row, architecture (conv1-conv2-fc1 inputs-fc1 outputs), error %, FLOPs, params
+    "mean": ("Dirichlet (mean)", "5-8-45-15", 1.1, "140K", "5.5K"),
+    "gamma150": ("Dirichlet (150)", "6-8-40-20", 1.1, "168K", "6K"),
+    "joint": ("Dirichlet (joint)", "6-7-35-17", 1.1, "158K", "5.5K"),
+    "mean_paper_widths": ("Dirichlet (mean)", "5-8-45-15", 1.1, "140K", "5.5K"),
 }
 
 
@@ -102,6 +100,19 @@ class EpochTimer(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.is_last_batch:
             self.seconds.append(time.perf_counter() - self._start)
+
+
+class ImportanceRange(L.Callback):
+    """The smallest and largest learned importance K * E[s] of every group at the end of the
+    switch phase (before hard pruning replaces the switches). Goes after the switches' callback."""
+
+    def __init__(self, switches: DirichletImportance, epochs: int) -> None:
+        self.switches, self.epochs = switches, epochs
+        self.range: dict[str, list[float]] = {}
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epochs - 1:
+            self.range = {name: [float(s.min()), float(s.max())] for name, s in self.switches.importance().items()}
 
 
 def machine() -> dict[str, Any]:
@@ -156,8 +167,9 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
     widths = options.pop("widths", None)
     switches = DirichletImportance(factor=FULL_MACS / args.budget, cost="macs", alpha0=args.alpha0, gate_lr=args.gate_lr,
                                    epochs=s, verbose=True, **options)
-    timer = EpochTimer()
-    t = trainer(s + f, [switches, HardPruning(at_epoch=s, widths=widths, plot=False), timer], args.out, reload_dataloaders_every_n_epochs=1)
+    timer, learned = EpochTimer(), ImportanceRange(switches, s)
+    t = trainer(s + f, [switches, learned, HardPruning(at_epoch=s, widths=widths, plot=False), timer], args.out,
+                reload_dataloaders_every_n_epochs=1)
     t.fit(module, dm)
     small = lightning_prune.export(module)
     cost = lightning_prune.count_cost(small, torch.zeros(1, 1, 28, 28))
@@ -165,7 +177,7 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
         "step": "prune", "variant": args.variant, **options, "widths_given": widths, "alpha0": args.alpha0, "gate_lr": args.gate_lr,
         "switch_epochs": s, "switch_samples": args.switch_samples, "finetune_epochs": f,
         "budget_macs": args.budget, "dense_test_error": dense_error, "test_error": test_error(module, dm, args.out),
-        "macs": cost.macs, "params": cost.params, "widths": output_widths(small),
+        "macs": cost.macs, "params": cost.params, "widths": output_widths(small), "importance_min_max": learned.range,
         "switch_epoch_seconds": timer.seconds[:s], "finetune_epoch_seconds": timer.seconds[s:],
     }
 
@@ -185,9 +197,20 @@ def time_estimators(args: argparse.Namespace) -> dict[str, Any]:
             "ratio_gamma_over_mean": seconds["gamma150"][0] / mean}
 
 
+def switches(record: dict[str, Any]) -> str:
+    """How a prune step's switches were learned, from its record (the variant's options)."""
+    text = f"gamma S={record['samples']}" if record["estimator"] == "gamma" else "mean"
+    text += ", layer by layer" if record["layerwise"] else ", joint"
+    if record.get("allocation"):
+        text += f"; `allocation=\"{record['allocation']}\"`"
+    if record.get("widths_given"):
+        text += f"; `widths={record['widths_given']}`"
+    return text
+
+
 def table(args: argparse.Namespace) -> str:
-    rows = ["| run | widths (conv1-conv2-fc1) | error % | MACs | params | Adamczewski and Park 2021, suppl. Table 1 (arch, error %, FLOPs, params) |",
-            "|---|---|---:|---:|---:|---|"]
+    rows = ["| run | switches | widths (conv1-conv2-fc1) | error % | MACs | params | Adamczewski and Park 2021, suppl. Table 1 (arch, error %, FLOPs, params) |",
+            "|---|---|---|---:|---:|---:|---|"]
     for name in VARIANTS:
         path = args.out / f"prune_{name}.json"
         if not path.is_file():
@@ -195,8 +218,8 @@ def table(args: argparse.Namespace) -> str:
         r = json.loads(path.read_text())
         w = r["widths"]
         arch = f"{w['features.0']}-{w['features.2']}-{w['classifier.1']}"
-        paper = ", ".join(map(str, PAPER[name])) if name in PAPER else "-"
-        rows.append(f"| {name} | {arch} | {r['test_error']:.2f} | {r['macs']:,} | {r['params']:,} | {paper} |")
+        paper = f"{PAPER[name][0]}: " + ", ".join(map(str, PAPER[name][1:])) if name in PAPER else "-"
+        rows.append(f"| {name} | {switches(r)} | {arch} | {r['test_error']:.2f} | {r['macs']:,} | {r['params']:,} | {paper} |")
     return "\n".join(rows)
 
 
