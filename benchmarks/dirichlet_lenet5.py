@@ -227,7 +227,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=["dense", "prune", "time", "table"])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("LP_DATA_DIR", "/work/shared/data")))
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("LP_DATA_DIR", "data")),
+                        help="the folder that holds MNIST (default: $LP_DATA_DIR, else ./data)")
     parser.add_argument("--variant", choices=list(VARIANTS), default="mean")
     parser.add_argument("--epochs", type=int, default=8, help="dense training epochs")
     parser.add_argument("--budget", type=int, default=FULL_MACS // 16, help="MACs per image (default: 1/16 of 2,293,000)")
