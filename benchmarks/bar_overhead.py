@@ -88,21 +88,22 @@ def main(argv: list[str] | None = None) -> dict:
     for _ in range(args.rounds):
         plain += run(args.model, False, args.steps, args.batch)
         gated += run(args.model, True, args.steps, args.batch)
-    ratio = statistics.median(gated) / statistics.median(plain)
+    median = {"plain": 1000 * statistics.median(plain), "gated": 1000 * statistics.median(gated)}  # ms
+    ratio = median["gated"] / median["plain"]
     load_after = os.getloadavg()[0]
     command = f"python benchmarks/bar_overhead.py {' '.join(sys.argv[1:] if argv is None else argv)}".strip()
     print(f"## BAR training-step overhead ({args.model}, batch {args.batch})\n")
     print(f"`{command}`, {started:%Y-%m-%d %H:%M %Z}, "
           f"2-core CPU, {args.threads} threads, 1-min load average {load:.1f} -> {load_after:.1f}\n")
     print("| variant | median step (ms) | steps timed |\n|---|---:|---:|")
-    print(f"| plain | {1000 * statistics.median(plain):.1f} | {len(plain)} |")
-    print(f"| with BAR gates | {1000 * statistics.median(gated):.1f} | {len(gated)} |")
+    print(f"| plain | {median['plain']:.1f} | {len(plain)} |")
+    print(f"| with BAR gates | {median['gated']:.1f} | {len(gated)} |")
     print(f"\nstep time with gates / without: **{ratio:.3f}**")
     record = {
         "command": command, "date": f"{started:%Y-%m-%d %H:%M %Z}", "machine": _cpu_name(), "torch": torch.__version__,
         "model": args.model, "batch": args.batch, "threads": args.threads, "rounds": args.rounds, "steps": args.steps,
         "load_average_1min": {"before": load, "after": load_after},
-        "median_step_ms": {"plain": 1000 * statistics.median(plain), "gated": 1000 * statistics.median(gated)},
+        "median_step_ms": median,
         "steps_timed": {"plain": len(plain), "gated": len(gated)}, "ratio": ratio,
     }
     if args.out is not None:
