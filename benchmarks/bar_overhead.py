@@ -24,11 +24,13 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from lightning_prune.callbacks import BudgetAwareRegularization, SigmoidalBudgetAnnealing
 from lightning_prune.classifier import ImageClassifier
+from lightning_prune.data.datamodules import VisionDataModule
 from lightning_prune.models import CifarResNet, LeNet5
+from lightning_prune.models.vgg import vgg16
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shrink_speedup import _cpu_name  # noqa: E402  (the sibling benchmark script's machine name)
@@ -38,7 +40,24 @@ WARMUP_STEPS = 3  # the first steps of every run are not timed
 MODELS = {
     "lenet5": (lambda: LeNet5(), (1, 28, 28), "macs"),
     "resnet20": (lambda: CifarResNet(20), (3, 32, 32), "volume"),
+    "vgg16": (lambda: vgg16(), (3, 32, 32), "volume"),
 }
+
+
+class RandomImages(VisionDataModule):
+    """``size`` random images of ``shape`` with random labels of 10 classes, served like the real
+    datamodules (shuffled batches, ``channels_last`` applied after the transfer to the device)."""
+
+    name, num_classes = "random images", 10
+
+    def __init__(self, shape: tuple[int, int, int], size: int, **kwargs) -> None:
+        super().__init__(val_size=0, augment=False, **kwargs)
+        self.input_shape, self.size = shape, size
+
+    def build(self, train: bool, transform) -> Dataset:
+        generator = torch.Generator().manual_seed(0)
+        return TensorDataset(torch.randn(self.size, *self.input_shape, generator=generator),
+                             torch.randint(0, self.num_classes, (self.size,), generator=generator))
 
 
 class StepTimer(Callback):
@@ -53,19 +72,20 @@ class StepTimer(Callback):
             self.times.append(time.perf_counter() - self._start)
 
 
-def run(model: str, gated: bool, steps: int, batch: int) -> list[float]:
+def run(model: str, gated: bool, steps: int, batch: int, channels_last: bool = False) -> list[float]:
+    """The times of the training steps after the warm-up of one epoch of ``steps`` steps."""
     factory, shape, cost = MODELS[model]
     L.seed_everything(0)
-    data = TensorDataset(torch.randn(steps * batch, *shape), torch.randint(0, 10, (steps * batch,)))
+    data = RandomImages(shape, steps * batch, batch_size=batch, channels_last=channels_last)
     module = ImageClassifier(factory(), 10, optimizer=partial(torch.optim.Adam, lr=1e-3))
     timer = StepTimer(skip=WARMUP_STEPS)
     callbacks: list[Callback] = [timer]
     if gated:
         callbacks += [BudgetAwareRegularization(factor=4, cost=cost, example_input=shape, verbose=False),
                       SigmoidalBudgetAnnealing(until_epoch=1)]
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
-    trainer.fit(module, DataLoader(data, batch_size=batch))
+    trainer.fit(module, datamodule=data)
     return timer.times
 
 

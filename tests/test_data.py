@@ -147,6 +147,7 @@ def test_cifar10_without_layout_or_archive_fails_clearly(tmp_path):
         ({"shift": -1}, ValueError, "shift"),
         ({"shift": 14}, ValueError, "shift"),
         ({"shift": 1.5}, TypeError, "shift"),
+        ({"channels_last": "yes"}, TypeError, "channels_last"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
@@ -248,3 +249,42 @@ def test_image_folder_errors(tmp_path):
         ImageFolderDataModule(tmp_path, channels=2)
     with pytest.raises(DatasetNotFoundError, match="no val/ folder"):
         ImageFolderDataModule(tmp_path, test_folder="val", val_size=3).setup("test")
+
+
+def test_channels_last_lays_out_the_batches_nhwc(tmp_path):
+    """``channels_last=True``: the network sees the same images, laid out channels-last, in training
+    and evaluation; without it the batches stay contiguous NCHW."""
+    import lightning as L
+
+    seen = {}
+
+    class Probe(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Conv2d(3, 2, 3)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            seen.setdefault("train", []).append((x.is_contiguous(memory_format=torch.channels_last), x.is_contiguous(), x.clone(), y))
+            return self.layer(x).mean()
+
+        def validation_step(self, batch, batch_idx):
+            seen.setdefault("val", []).append(batch[0].is_contiguous(memory_format=torch.channels_last))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    make_image_folder(tmp_path)
+    for channels_last in (True, False):
+        seen.clear()
+        dm = ImageFolderDataModule(tmp_path, image_size=24, batch_size=8, val_size=3, subset=16, augment=False, channels_last=channels_last)
+        L.seed_everything(0)  # the same shuffle
+        L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, num_sanity_val_steps=0).fit(Probe(), dm)
+        assert len(seen["train"]) == 2 and len(seen["val"]) == 1
+        assert all(nhwc is channels_last and nchw is not channels_last for nhwc, nchw, _, _ in seen["train"])
+        assert seen["val"] == [channels_last]
+        if channels_last:
+            images = [x for _, _, x, _ in seen["train"]]
+        else:  # the same images in the same order (same seed), only their memory layout differs
+            assert all(torch.equal(a, x) for a, (_, _, x, _) in zip(images, seen["train"]))

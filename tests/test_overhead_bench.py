@@ -1,5 +1,5 @@
-"""benchmarks/bar_overhead.py at toy size: the JSON it writes holds the medians it prints and their
-ratio, and a run too short to time anything is refused."""
+"""benchmarks/bar_overhead.py and benchmarks/channels_last.py at toy size: the JSON each writes holds
+the medians it prints and their ratio, and a run too short to time anything is refused."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("bar_overhead_bench", BENCHMARKS / "bar_overhead.py")
+def _script(name: str = "bar_overhead"):
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -38,4 +38,24 @@ def test_toy_run_writes_the_medians_and_their_ratio(tmp_path: Path, capsys) -> N
 def test_a_run_with_no_timed_step_is_refused(capsys) -> None:
     with pytest.raises(SystemExit):
         _script().main(["--steps", "3"])
+    assert "--steps above 3" in capsys.readouterr().err
+
+
+def test_channels_last_toy_run_writes_the_medians_and_their_ratio(tmp_path: Path, capsys) -> None:
+    threads = torch.get_num_threads()
+    out = tmp_path / "channels_last" / "toy.json"
+    argv = ["--models", "lenet5", "resnet20", "--rounds", "2", "--steps", "5", "--batch", "4", "--gates", "--out", str(out)]
+    record = _script("channels_last").main(argv)
+    torch.set_num_threads(threads)
+    assert json.loads(out.read_text()) == record
+    assert record["threads"] == 1 and record["batch"] == 4 and record["gates"] is True
+    assert sorted(record["models"]) == ["lenet5", "resnet20"]
+    printed = capsys.readouterr().out
+    for model, result in record["models"].items():
+        assert result["steps_timed"] == {"contiguous": 4, "channels_last": 4}  # 2 rounds x (5 steps - 3 warm-up)
+        median = result["median_step_ms"]
+        assert result["speedup"] == pytest.approx(median["contiguous"] / median["channels_last"])
+        assert f"| {model} | {median['contiguous']:.1f} | {median['channels_last']:.1f} | **{result['speedup']:.2f}x** |" in printed
+    with pytest.raises(SystemExit):
+        _script("channels_last").main(["--steps", "2"])
     assert "--steps above 3" in capsys.readouterr().err
