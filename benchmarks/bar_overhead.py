@@ -89,20 +89,48 @@ def run(model: str, gated: bool, steps: int, batch: int, channels_last: bool = F
     return timer.times
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=sorted(MODELS), default="lenet5")
+def timing_parser(script: str, description: str, steps: int, threads: int) -> argparse.ArgumentParser:
+    """The options every step-timing script (``script``: its file name) takes: ``--rounds --steps
+    --batch --threads --out``."""
+    parser = argparse.ArgumentParser(prog=script, description=description)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=threads)
     parser.add_argument("--out", type=Path, default=None, help="also write the medians and the run's context to this JSON file")
+    return parser
+
+
+def start_timing(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
+    """Parse and check the options, set the thread count; return them and the run's context
+    (``finish_timing`` completes it)."""
     args = parser.parse_args(argv)
     if min(args.rounds, args.batch, args.threads) < 1 or args.steps <= WARMUP_STEPS:
         parser.error(f"--rounds, --batch and --threads must be >= 1, --steps above {WARMUP_STEPS} (the untimed warm-up steps of each run)")
     torch.set_num_threads(args.threads)
-    load = os.getloadavg()[0]
+    command = f"python benchmarks/{parser.prog} {' '.join(sys.argv[1:] if argv is None else argv)}".strip()
     started = datetime.datetime.now().astimezone()
+    context = {"command": command, "date": f"{started:%Y-%m-%d %H:%M %Z}", "machine": _cpu_name(), "torch": torch.__version__,
+               "batch": args.batch, "threads": args.threads, "rounds": args.rounds, "steps": args.steps,
+               "load_average_1min": {"before": os.getloadavg()[0]}}
+    return args, context
+
+
+def finish_timing(args: argparse.Namespace, context: dict, **results) -> dict:
+    """The run's record: its context with the load average after it and ``results``; written to
+    ``--out`` when given."""
+    context["load_average_1min"]["after"] = os.getloadavg()[0]
+    record = {**context, **results}
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = timing_parser(Path(__file__).name, __doc__.splitlines()[0], steps=40, threads=2)
+    parser.add_argument("--model", choices=sorted(MODELS), default="lenet5")
+    args, context = start_timing(parser, argv)
     plain: list[float] = []
     gated: list[float] = []
     for _ in range(args.rounds):
@@ -110,25 +138,16 @@ def main(argv: list[str] | None = None) -> dict:
         gated += run(args.model, True, args.steps, args.batch)
     median = {"plain": 1000 * statistics.median(plain), "gated": 1000 * statistics.median(gated)}  # ms
     ratio = median["gated"] / median["plain"]
-    load_after = os.getloadavg()[0]
-    command = f"python benchmarks/bar_overhead.py {' '.join(sys.argv[1:] if argv is None else argv)}".strip()
+    record = finish_timing(args, context, model=args.model, median_step_ms=median,
+                           steps_timed={"plain": len(plain), "gated": len(gated)}, ratio=ratio)
+    load = record["load_average_1min"]
     print(f"## BAR training-step overhead ({args.model}, batch {args.batch})\n")
-    print(f"`{command}`, {started:%Y-%m-%d %H:%M %Z}, "
-          f"2-core CPU, {args.threads} threads, 1-min load average {load:.1f} -> {load_after:.1f}\n")
+    print(f"`{record['command']}`, {record['date']}, "
+          f"2-core CPU, {args.threads} threads, 1-min load average {load['before']:.1f} -> {load['after']:.1f}\n")
     print("| variant | median step (ms) | steps timed |\n|---|---:|---:|")
     print(f"| plain | {median['plain']:.1f} | {len(plain)} |")
     print(f"| with BAR gates | {median['gated']:.1f} | {len(gated)} |")
     print(f"\nstep time with gates / without: **{ratio:.3f}**")
-    record = {
-        "command": command, "date": f"{started:%Y-%m-%d %H:%M %Z}", "machine": _cpu_name(), "torch": torch.__version__,
-        "model": args.model, "batch": args.batch, "threads": args.threads, "rounds": args.rounds, "steps": args.steps,
-        "load_average_1min": {"before": load, "after": load_after},
-        "median_step_ms": median,
-        "steps_timed": {"plain": len(plain), "gated": len(gated)}, "ratio": ratio,
-    }
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=1) + "\n")
     return record
 
 
