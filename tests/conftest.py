@@ -29,7 +29,7 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where the CIFAR-10 archive is extracted: $LP_CACHE_DIR when set (kept between runs)."""
+    """Where the CIFAR-10 archive is decoded to: $LP_CACHE_DIR when set (kept between runs)."""
     value = os.environ.get("LP_CACHE_DIR")
     return Path(value) if value else tmp_path_factory.mktemp("lp-cache")
 

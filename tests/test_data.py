@@ -59,7 +59,7 @@ def test_cifar10_loads_from_the_jpeg_archive(data_dir, cache_dir):
     dm.prepare_data()
     dm.setup()
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (45_000, 5_000, 10_000)
-    assert (cache_dir / "cifar10-jpg" / "cifar10" / "train" / "airplane").is_dir()
+    assert (cache_dir / "cifar10-jpg.pt").is_file()  # decoded once, read memory-mapped
     x, y = first_batch(dm.val_dataloader())
     assert x.shape == (64, 3, 32, 32)
     # same class order as torchvision's CIFAR10
@@ -72,9 +72,9 @@ def test_cifar10_loads_from_the_jpeg_archive(data_dir, cache_dir):
 def test_cifar_augmentation_is_pad4_crop_and_flip_on_train_only(data_dir, cache_dir):
     dm = CIFAR10DataModule(data_dir, cache_dir=cache_dir, val_size=10, subset=20)
     names = [type(t).__name__ for t in dm.train_transform().transforms]
-    assert names == ["RandomCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    assert names == ["RandomCrop", "RandomHorizontalFlip", "ConvertImageDtype", "Normalize"]  # on decoded uint8 tensors
     assert dm.train_transform().transforms[0].padding == 4
-    assert [type(t).__name__ for t in dm.eval_transform().transforms] == ["ToTensor", "Normalize"]
+    assert [type(t).__name__ for t in dm.eval_transform().transforms] == ["ConvertImageDtype", "Normalize"]
     dm.setup("fit")
     raw = dm.val_set.dataset[dm.val_set.indices[0]][0]
     again = dm.val_set.dataset[dm.val_set.indices[0]][0]
@@ -128,6 +128,81 @@ def test_failed_download_is_reported_the_same_way(tmp_path, monkeypatch):
     dm = MNISTDataModule(tmp_path, download=True)
     with pytest.raises(DatasetNotFoundError, match="download failed"):
         dm.prepare_data()
+
+
+def make_cifar_archive(folder: Path, per_class: int = 3) -> Path:
+    """A small CIFAR-10 JPEG archive in the shared copy's layout (cifar10/{train,test}/<class>/<n>.jpg),
+    with file names that sort differently as strings and as numbers, and one grayscale JPEG."""
+    import tarfile
+
+    rng = np.random.default_rng(0)
+    root = folder / "src" / "cifar10"
+    for split in ("train", "test"):
+        for c in ("cat", "airplane", "dog"):
+            (root / split / c).mkdir(parents=True)
+            for i in (1, 2, 10)[:per_class]:
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                image = Image.fromarray(pixels[..., 0]) if (split, c, i) == ("train", "dog", 2) else Image.fromarray(pixels)
+                image.save(root / split / c / f"{i}.jpg", quality=75)
+    data = folder / "data"
+    data.mkdir()
+    with tarfile.open(data / "cifar10-jpg.tar.gz", "w:gz") as tar:
+        tar.add(root, arcname="cifar10")
+    return data
+
+
+def test_decoded_archive_gives_the_items_of_image_folder_on_the_extracted_files(tmp_path):
+    """Same images, labels, order, classes and random crops and flips as torchvision's ImageFolder
+    on the extracted archive with PIL transforms (the way the archive was read before)."""
+    data = make_cifar_archive(tmp_path)
+    dm = CIFAR10DataModule(data, cache_dir=tmp_path / "cache", val_size=2, batch_size=4)
+    dm.setup()
+    extracted = torchvision.datasets.ImageFolder(str(tmp_path / "src" / "cifar10" / "train"))
+    assert dm.train_set.dataset.classes == extracted.classes == ["airplane", "cat", "dog"]
+    pil_train = torchvision.transforms.Compose([*dm.train_augmentation(), torchvision.transforms.ToTensor(),
+                                                torchvision.transforms.Normalize(dm.mean, dm.std)])
+    pil_eval = torchvision.transforms.Compose(pil_train.transforms[2:])
+    for index in range(len(extracted)):
+        image, label = extracted[index]
+        torch.manual_seed(index)
+        expected = pil_train(image)
+        torch.manual_seed(index)
+        decoded, decoded_label = dm.train_set.dataset[index]
+        assert decoded_label == label and torch.equal(decoded, expected)
+        assert torch.equal(dm.val_set.dataset[index][0], pil_eval(image))
+    test = torchvision.datasets.ImageFolder(str(tmp_path / "src" / "cifar10" / "test"))
+    assert [label for _, label in test] == dm.test_set.labels.tolist()
+
+
+def test_decoded_archive_cache_is_reused_and_rebuilt_when_stale_or_corrupt(tmp_path, monkeypatch):
+    from lightning_prune.data import datamodules
+
+    data = make_cifar_archive(tmp_path, per_class=2)
+    cache = tmp_path / "cache"
+    first = CIFAR10DataModule(data, cache_dir=cache, val_size=1)
+    first.prepare_data()
+    images = first.decoded_archive()["train"]["images"].clone()
+    decodes = []
+    original = datamodules.decode_image_folder_archive
+    monkeypatch.setattr(datamodules, "decode_image_folder_archive", lambda *a: decodes.append(1) or original(*a))
+    again = CIFAR10DataModule(data, cache_dir=cache, val_size=1)
+    again.setup("fit")
+    assert decodes == [] and torch.equal(again.train_set.dataset.images, images)  # read from the cache
+    (cache / "cifar10-jpg.pt").write_bytes(b"not a torch file")
+    assert torch.equal(CIFAR10DataModule(data, cache_dir=cache).decoded_archive()["train"]["images"], images)
+    assert decodes == [1]  # a corrupt cache is decoded again
+    with open(data / "cifar10-jpg.tar.gz", "ab") as f:  # the archive changed (its size)
+        f.write(b"\0" * 1024)
+    CIFAR10DataModule(data, cache_dir=cache).decoded_archive()
+    assert decodes == [1, 1]
+
+
+def test_corrupt_cifar_archive_names_the_archive(tmp_path):
+    data = make_cifar_archive(tmp_path, per_class=1)
+    archive = data / "cifar10-jpg.tar.gz"
+    archive.write_bytes(archive.read_bytes()[:300])  # truncated
+    with pytest.raises(DatasetNotFoundError, match="cifar10-jpg.tar.gz cannot be read"):
+        CIFAR10DataModule(data, cache_dir=tmp_path / "cache").setup("fit")
 
 
 def test_cifar10_without_layout_or_archive_fails_clearly(tmp_path):

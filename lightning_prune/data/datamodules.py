@@ -11,6 +11,7 @@ the same on every run and every DDP rank. ``subset`` keeps only that many traini
 
 from __future__ import annotations
 
+import io
 import os
 import tarfile
 from collections.abc import Callable, Sequence
@@ -18,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
@@ -28,7 +31,7 @@ CIFAR10_ARCHIVE = "cifar10-jpg.tar.gz"
 
 
 def default_cache_dir() -> Path:
-    """Where extracted archives and other derived files are kept: ``$LP_CACHE_DIR``, else
+    """Where decoded archives and other derived files are kept: ``$LP_CACHE_DIR``, else
     ``~/.cache/lightning-prune``."""
     return Path(os.environ.get("LP_CACHE_DIR", Path.home() / ".cache" / "lightning-prune"))
 
@@ -108,12 +111,17 @@ class VisionDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     # --- shared -------------------------------------------------------------------------
+    def to_tensor(self) -> Callable:
+        """The transform from what the raw dataset yields to a float image in [0, 1]: from PIL
+        images, ``ToTensor``."""
+        return transforms.ToTensor()
+
     def eval_transform(self) -> Callable:
-        return transforms.Compose([transforms.ToTensor(), transforms.Normalize(self.mean, self.std)])
+        return transforms.Compose([self.to_tensor(), transforms.Normalize(self.mean, self.std)])
 
     def train_transform(self) -> Callable:
         aug = self.train_augmentation() if self.augment else []
-        return transforms.Compose([*aug, transforms.ToTensor(), transforms.Normalize(self.mean, self.std)])
+        return transforms.Compose([*aug, self.to_tensor(), transforms.Normalize(self.mean, self.std)])
 
     def missing(self, reason: str = "") -> DatasetNotFoundError:
         msg = (
@@ -231,10 +239,64 @@ class _CifarAugmentation:
         return [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
 
 
+class DecodedImages(Dataset):
+    """Images held decoded as one ``uint8`` tensor ``(N, C, H, W)`` with their ``labels``; item
+    ``i`` is ``(transform(images[i]), labels[i])``, the image a ``uint8`` CHW tensor (torchvision's
+    crops and flips take such tensors and draw the same random numbers as for PIL images).
+    ``classes``: the class names, by label."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable | None = None,
+                 classes: Sequence[str] = ()) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4 or labels.shape != images.shape[:1]:
+            raise ValueError(f"images must be a uint8 (N, C, H, W) tensor with N labels, got {tuple(images.shape)} {images.dtype} and {tuple(labels.shape)} labels")
+        self.images, self.labels, self.transform, self.classes = images, labels, transform, list(classes)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = self.images[index]
+        return (self.transform(image) if self.transform is not None else image), int(self.labels[index])
+
+
+def decode_image_folder_archive(archive: Path, splits: Sequence[str]) -> dict[str, Any]:
+    """Decode an ImageFolder archive (``<top>/<split>/<class>/<file>``, one top folder) into
+    ``{"classes": [...], <split>: {"images": uint8 (N, C, H, W), "labels": int64 (N,)}}``, in
+    ``torchvision.datasets.ImageFolder``'s order (classes sorted by name, their files too), so
+    that indices, splits and subsets are those of the extracted folder. Every image of a split
+    must have the same size; images are converted to RGB."""
+    found: dict[str, dict[tuple[str, str], np.ndarray]] = {split: {} for split in splits}
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if not member.isfile() or len(parts) != 4 or parts[1] not in found:
+                continue
+            data = tar.extractfile(member).read()
+            with Image.open(io.BytesIO(data)) as image:
+                found[parts[1]][(parts[2], parts[3])] = np.asarray(image.convert("RGB"))
+    empty = [split for split, images in found.items() if not images]
+    if empty:
+        raise FileNotFoundError(f"the archive {archive} has no <top>/{'|'.join(empty)}/<class>/<file> images")
+    classes = sorted({cls for images in found.values() for cls, _ in images})
+    decoded: dict[str, Any] = {"classes": classes}
+    for split, images in found.items():
+        keys = sorted(images)
+        shapes = {images[k].shape for k in keys}
+        if len(shapes) != 1:
+            raise ValueError(f"the archive {archive} has images of several sizes in {split}: {sorted(shapes)[:3]}")
+        stacked = np.stack([images[k] for k in keys]).transpose(0, 3, 1, 2)  # NHWC -> NCHW
+        decoded[split] = {"images": torch.from_numpy(np.ascontiguousarray(stacked)),
+                          "labels": torch.tensor([classes.index(cls) for cls, _ in keys], dtype=torch.int64)}
+    return decoded
+
+
 class CIFAR10DataModule(_CifarAugmentation, VisionDataModule):
     """CIFAR-10 from torchvision's layout (``<data_dir>/cifar-10-batches-py``) or, when that is
-    absent, from the JPEG ImageFolder archive ``<data_dir>/cifar10-jpg.tar.gz``, extracted once
-    into ``cache_dir`` (default ``~/.cache/lightning-prune``)."""
+    absent, from the JPEG ImageFolder archive ``<data_dir>/cifar10-jpg.tar.gz``, decoded once into
+    ``<cache_dir>/cifar10-jpg.pt`` (default ``cache_dir``: ``~/.cache/lightning-prune``) and read
+    from there memory-mapped: no JPEG is decoded while training, and processes on one machine
+    share the pages. The decoded images, their order and the random crops and flips are those of
+    ``torchvision.datasets.ImageFolder`` on the extracted archive."""
 
     name, num_classes, input_shape = "CIFAR-10", 10, (3, 32, 32)
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -247,28 +309,40 @@ class CIFAR10DataModule(_CifarAugmentation, VisionDataModule):
         super().__init__(*args, **kwargs)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
-    def extracted_archive(self) -> Path | None:
-        """The ImageFolder root extracted from the JPEG archive, or None when there is no archive."""
+    def _from_archive(self) -> bool:
+        return not (self.data_dir / "cifar-10-batches-py").is_dir() and (self.data_dir / CIFAR10_ARCHIVE).is_file()
+
+    def to_tensor(self) -> Callable:
+        return transforms.ConvertImageDtype(torch.float32) if self._from_archive() else super().to_tensor()
+
+    def decoded_archive(self) -> dict[str, Any]:
+        """The archive's images, decoded (see :func:`decode_image_folder_archive`); cached in
+        ``cache_dir``, decoded again when the archive's size changed."""
         archive = self.data_dir / CIFAR10_ARCHIVE
-        if not archive.is_file():
-            return None
-        target = self.cache_dir / "cifar10-jpg"
-        done = target / ".extracted"
-        if not done.is_file() or done.read_text() != str(archive.stat().st_size):
-            target.mkdir(parents=True, exist_ok=True)
-            with tarfile.open(archive) as tar:
-                tar.extractall(target, filter="data")
-            done.write_text(str(archive.stat().st_size))
-        root = target / "cifar10"
-        if not (root / "train").is_dir() or not (root / "test").is_dir():
-            raise self.missing(f"the archive {archive} has no cifar10/train and cifar10/test folders")
-        return root
+        cache = self.cache_dir / "cifar10-jpg.pt"
+        size = archive.stat().st_size
+        if cache.is_file():
+            try:
+                decoded = torch.load(cache, mmap=True, weights_only=True)
+                if decoded.get("archive_size") == size:
+                    return decoded
+            except (RuntimeError, OSError, EOFError, KeyError, AttributeError):
+                pass  # a corrupt or foreign cache file: decoded again below
+        try:
+            decoded = decode_image_folder_archive(archive, ("train", "test"))
+        except (tarfile.TarError, EOFError, OSError, ValueError) as err:  # OSError: a truncated gzip, an undecodable image
+            raise self.missing(f"the archive {archive} cannot be read: {err}") from err
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_name(f"{cache.name}.{os.getpid()}.partial")
+        torch.save({**decoded, "archive_size": size}, partial)
+        os.replace(partial, cache)  # atomic: a concurrent reader sees the old file or the whole new one
+        return torch.load(cache, mmap=True, weights_only=True)
 
     def build(self, train: bool, transform: Callable) -> Dataset:
-        if not (self.data_dir / "cifar-10-batches-py").is_dir():
-            root = self.extracted_archive()
-            if root is not None:
-                return datasets.ImageFolder(str(root / ("train" if train else "test")), transform=transform)
+        if self._from_archive():
+            decoded = self.decoded_archive()
+            split = decoded["train" if train else "test"]
+            return DecodedImages(split["images"], split["labels"], transform, decoded["classes"])
         return datasets.CIFAR10(str(self.data_dir), train=train, transform=transform, download=self.download)
 
 
