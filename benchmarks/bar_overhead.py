@@ -5,7 +5,7 @@ callback times every training batch (forward, backward, BAR's penalty and gate s
 optimizer step). The runs alternate (plain, BAR, plain, BAR, ...) so that load from other
 processes affects both alike; the ratio of the medians over all timed steps is reported.
 
-Usage: ``python benchmarks/bar_overhead.py [--model lenet5|resnet20] [--rounds 3] [--steps 40] [--out file.json]``;
+Usage: ``python benchmarks/bar_overhead.py [--model lenet5|resnet20|vgg16] [--rounds 3] [--steps 40] [--out file.json]``;
 prints a Markdown section (and, with ``--out``, writes the medians and the run's context as JSON).
 """
 
