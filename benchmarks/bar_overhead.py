@@ -72,8 +72,9 @@ class StepTimer(Callback):
             self.times.append(time.perf_counter() - self._start)
 
 
-def run(model: str, gated: bool, steps: int, batch: int, channels_last: bool = False) -> list[float]:
-    """The times of the training steps after the warm-up of one epoch of ``steps`` steps."""
+def run(model: str, gated: bool, steps: int, batch: int, channels_last: bool = False, precision: str = "32-true") -> list[float]:
+    """The times of the training steps after the warm-up of one epoch of ``steps`` steps, in
+    Lightning's ``precision``."""
     factory, shape, cost = MODELS[model]
     L.seed_everything(0)
     data = RandomImages(shape, steps * batch, batch_size=batch, channels_last=channels_last)
@@ -84,9 +85,36 @@ def run(model: str, gated: bool, steps: int, batch: int, channels_last: bool = F
         callbacks += [BudgetAwareRegularization(factor=4, cost=cost, example_input=shape, verbose=False),
                       SigmoidalBudgetAnnealing(until_epoch=1)]
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, precision=precision)
     trainer.fit(module, datamodule=data)
     return timer.times
+
+
+def compare(model: str, variants: dict[str, dict], args: argparse.Namespace) -> dict:
+    """Time ``model``'s training steps in every variant (keyword arguments of :func:`run`),
+    alternating the variants in each of ``args.rounds`` rounds; the median step times (ms), the
+    steps timed, and the speedup of the second variant over the first (ratio of the medians)."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, kwargs in variants.items():
+            times[name] += run(model, args.gates, args.steps, args.batch, **kwargs)
+    median = {name: 1000 * statistics.median(t) for name, t in times.items()}
+    first, second = variants
+    return {"median_step_ms": median, "steps_timed": {name: len(t) for name, t in times.items()},
+            "speedup": median[first] / median[second]}
+
+
+def print_comparison(title: str, record: dict, labels: dict[str, str]) -> None:
+    """A Markdown section of :func:`compare`'s results per model (``record["models"]``), the
+    columns named by ``labels`` (variant: label)."""
+    load = record["load_average_1min"]
+    print(f"## {title}: training-step time (batch {record['batch']}{', with BAR gates' if record['gates'] else ''})\n")
+    print(f"`{record['command']}`, {record['date']}, {record['machine']}, {record['threads']} threads, "
+          f"1-min load average {load['before']:.1f} -> {load['after']:.1f}\n")
+    print(f"| network | {' | '.join(f'{label} step (ms)' for label in labels.values())} | speedup |\n|---|---:|---:|---:|")
+    for model, r in record["models"].items():
+        steps = " | ".join(f"{r['median_step_ms'][name]:.1f}" for name in labels)
+        print(f"| {model} | {steps} | **{r['speedup']:.2f}x** |")
 
 
 def timing_parser(script: str, description: str, steps: int, threads: int) -> argparse.ArgumentParser:
@@ -98,6 +126,15 @@ def timing_parser(script: str, description: str, steps: int, threads: int) -> ar
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=threads)
     parser.add_argument("--out", type=Path, default=None, help="also write the medians and the run's context to this JSON file")
+    return parser
+
+
+def comparison_parser(script: str, description: str) -> argparse.ArgumentParser:
+    """:func:`timing_parser` with the options of a comparison of training settings: ``--models
+    --gates``."""
+    parser = timing_parser(script, description, steps=20, threads=1)
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["lenet5", "resnet20", "vgg16"])
+    parser.add_argument("--gates", action="store_true", help="train with BAR's gates (as in its soft phase)")
     return parser
 
 

@@ -11,6 +11,8 @@ checkpoint is not changed. With ``--scratch`` the network starts from a fresh in
 (seed 0) and trains with the task's first dense recipe (``task.dense``: cosine from ``lr``) stretched
 to ``epochs``: one long schedule instead of a continuation (name ``scratch-<epochs>-<lr>``).
 ``--label-smoothing`` smooths the training loss's targets (the recipe's ``label_smoothing``).
+The training runs in the task's ``precision``; a precision other than ``32-true`` ends the default
+name (``-bf16-mixed``).
 
     LP_DATA_DIR=../shared/data python benchmarks/dense_restart.py --epochs 40 --lr 0.05 --threads 2
     LP_DATA_DIR=../shared/data python benchmarks/dense_restart.py --scratch --epochs 200 --lr 0.1 --threads 2
@@ -26,7 +28,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from lightning_prune.bench.runner import load_dense, task_datamodule
 from lightning_prune.bench.training import dense_restarts, fit, resumable, test_accuracy
@@ -44,26 +46,29 @@ def main() -> None:
     parser.add_argument("--start", type=Path, default=None, help="a state dict to continue (default: the suite's dense network)")
     parser.add_argument("--scratch", action="store_true", help="train a freshly initialised network with the task's dense recipe")
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the training loss")
-    parser.add_argument("--name", default=None, help="the log's and the weights' file name (default: [scratch-]<epochs>-<lr>[-ls<label smoothing>])")
+    parser.add_argument("--name", default=None, help="the log's and the weights' file name (default: [scratch-]<epochs>-<lr>[-ls<label smoothing>][-<precision>])")
     args = parser.parse_args()
     if args.scratch and args.start is not None:
         parser.error("--scratch trains a fresh network: it takes no --start")
     if not 0 <= args.label_smoothing < 1:
         parser.error(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    with initialize_config_dir(config_dir=str(config_dir("bench")), version_base="1.3"):
+        cfg = compose("bench", overrides=["task=resnet20_cifar10", f"bench_dir={HERE}"])
+    precision = cfg.task.get("precision", "32-true")
     name = args.name or (f"{'scratch-' if args.scratch else ''}{args.epochs}-{args.lr}"
-                         + (f"-ls{args.label_smoothing}" if args.label_smoothing else ""))
+                         + (f"-ls{args.label_smoothing}" if args.label_smoothing else "")
+                         + (f"-{precision}" if precision != "32-true" else ""))
     log = HERE / "dense_restart" / f"{name}.jsonl"
     if log.with_suffix(".pt").exists():
         print(f"finished: {log.with_suffix('.pt')} exists", flush=True)
         return
     torch.set_num_threads(args.threads)
-    with initialize_config_dir(config_dir=str(config_dir("bench")), version_base="1.3"):
-        cfg = compose("bench", overrides=["task=resnet20_cifar10", f"bench_dir={HERE}"])
     # --scratch: the first dense recipe without its length and its restarts
     base = OmegaConf.masked_copy(cfg.task.dense, [k for k in cfg.task.dense if k not in ("epochs", "restarts")]) if args.scratch else dense_restarts(cfg)[0]
     recipe = OmegaConf.merge(base, {"optimizer": {"lr": args.lr}})
     if args.label_smoothing:
-        recipe.label_smoothing = args.label_smoothing
+        with open_dict(recipe):  # a key the task's recipe may not have
+            recipe.label_smoothing = args.label_smoothing
     L.seed_everything(0, workers=True)
     datamodule = task_datamodule(cfg)
     if args.start is None and not args.scratch:
@@ -90,7 +95,7 @@ def main() -> None:
     # the run's identity: a resume with another --threads continues the same run, and a run without
     # --scratch or --label-smoothing keeps the identity it had before those flags existed
     identity = {k: str(v) for k, v in vars(args).items() if k != "threads" and not (k in ("scratch", "label_smoothing") and not v)}
-    run = OmegaConf.to_yaml({"args": identity, "recipe": recipe})
+    run = OmegaConf.to_yaml({"args": identity, "recipe": recipe, **({"precision": precision} if precision != "32-true" else {})})
     with resumable(HERE / "partial" / f"dense_restart-{name}", run, time.perf_counter()) as checkpoints:
         net = fit(cfg, datamodule, net, recipe, args.epochs, callbacks=[Score()])
     torch.save(net.state_dict(), log.with_suffix(".pt"))

@@ -293,6 +293,33 @@ def test_a_recipes_label_smoothing_reaches_the_training_loss(tmp_path: Path, mon
     assert seen and set(seen) == {0.2}
 
 
+@pytest.mark.parametrize("precision", [None, "bf16-mixed"])
+def test_a_tasks_precision_reaches_the_training_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_dir: Path,
+                                                     precision: str | None) -> None:
+    from lightning_prune.classifier import ImageClassifier
+
+    cfg = bench_cfg(tmp_path, "stage=dense", "task=lenet5_mnist")
+    if precision is not None:
+        with open_dict(cfg):
+            cfg.task.precision = precision
+    seen = []
+
+    class Recording(ImageClassifier):
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+            return super().training_step(batch, batch_idx)
+
+    monkeypatch.setattr(bench_training, "ImageClassifier", Recording)
+    record = dense(cfg)
+    assert record["precision"] == (precision or "32-true")
+    assert seen and set(seen) == {torch.bfloat16 if precision else None}
+
+
+def test_the_resnet_tasks_train_in_bfloat16() -> None:
+    for task in ("resnet20_cifar10", "resnet56_cifar10"):
+        assert bench_cfg(Path("unused"), f"task={task}").task.precision == "bf16-mixed", task
+
+
 def test_the_mixed_against_tied_table_pairs_runs_and_names_removed_blocks() -> None:
     def row(method: str, factor: float, acc: float, macs: int, widths: dict[str, int]) -> dict:
         return {"task": "resnet20_cifar10", "method": method, "cost": "volume", "factor": factor, "test_accuracy": acc,

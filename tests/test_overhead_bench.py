@@ -1,4 +1,4 @@
-"""benchmarks/bar_overhead.py and benchmarks/channels_last.py at toy size: the JSON each writes holds
+"""benchmarks/bar_overhead.py, benchmarks/channels_last.py and benchmarks/bf16_mixed.py at toy size: the JSON each writes holds
 the medians it prints and their ratio, and a run too short to time anything is refused."""
 
 from __future__ import annotations
@@ -41,21 +41,44 @@ def test_a_run_with_no_timed_step_is_refused(capsys) -> None:
     assert "--steps above 3" in capsys.readouterr().err
 
 
-def test_channels_last_toy_run_writes_the_medians_and_their_ratio(tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("script, baseline, setting", [("channels_last", "contiguous", "channels_last"),
+                                                       ("bf16_mixed", "float32", "bf16_mixed")])
+def test_a_settings_toy_run_writes_the_medians_and_their_ratio(tmp_path: Path, capsys, script: str, baseline: str,
+                                                               setting: str) -> None:
     threads = torch.get_num_threads()
-    out = tmp_path / "channels_last" / "toy.json"
+    out = tmp_path / script / "toy.json"
     argv = ["--models", "lenet5", "resnet20", "--rounds", "2", "--steps", "5", "--batch", "4", "--gates", "--out", str(out)]
-    record = _script("channels_last").main(argv)
+    record = _script(script).main(argv)
     torch.set_num_threads(threads)
     assert json.loads(out.read_text()) == record
     assert record["threads"] == 1 and record["batch"] == 4 and record["gates"] is True
+    assert record["command"] == f"python benchmarks/{script}.py " + " ".join(argv)
     assert sorted(record["models"]) == ["lenet5", "resnet20"]
     printed = capsys.readouterr().out
     for model, result in record["models"].items():
-        assert result["steps_timed"] == {"contiguous": 4, "channels_last": 4}  # 2 rounds x (5 steps - 3 warm-up)
+        assert result["steps_timed"] == {baseline: 4, setting: 4}  # 2 rounds x (5 steps - 3 warm-up)
         median = result["median_step_ms"]
-        assert result["speedup"] == pytest.approx(median["contiguous"] / median["channels_last"])
-        assert f"| {model} | {median['contiguous']:.1f} | {median['channels_last']:.1f} | **{result['speedup']:.2f}x** |" in printed
+        assert result["speedup"] == pytest.approx(median[baseline] / median[setting])
+        assert f"| {model} | {median[baseline]:.1f} | {median[setting]:.1f} | **{result['speedup']:.2f}x** |" in printed
     with pytest.raises(SystemExit):
-        _script("channels_last").main(["--steps", "2"])
+        _script(script).main(["--steps", "2"])
     assert "--steps above 3" in capsys.readouterr().err
+
+
+def test_the_bf16_variant_trains_under_bfloat16_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bar_overhead.run's ``precision`` reaches the Trainer: the network's forward sees bfloat16 autocast."""
+    module = _script()
+    seen = []
+    factory, shape, cost = module.MODELS["lenet5"]
+
+    def recording():
+        net = factory()
+        net.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")))
+        return net
+
+    monkeypatch.setitem(module.MODELS, "lenet5", (recording, shape, cost))
+    module.run("lenet5", False, steps=4, batch=4, channels_last=True, precision="bf16-mixed")
+    assert seen and set(seen) == {torch.bfloat16}
+    seen.clear()
+    module.run("lenet5", False, steps=4, batch=4, channels_last=True)
+    assert seen and set(seen) == {False}

@@ -121,7 +121,7 @@ def _environment(cfg: DictConfig) -> dict[str, Any]:
         "command": command_line(), "git_commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "toy": bool(cfg.toy),
+        "precision": cfg.task.get("precision", "32-true"), "toy": bool(cfg.toy),
     }
 
 

@@ -131,8 +131,9 @@ class _RunState(Callback):
 
 
 def trainer(cfg: DictConfig, epochs: int, callbacks: Sequence[Callback] = (), checkpoint_dir: Path | None = None) -> L.Trainer:
-    """A quiet CPU Trainer: no validation, no logger (the result file is the record); with
-    ``checkpoint_dir``, a checkpoint ``last.ckpt`` there at the end of every epoch."""
+    """A quiet CPU Trainer: no validation, no logger (the result file is the record), in the
+    task's ``precision`` (Lightning's precision setting, ``32-true`` unless the task names
+    another); with ``checkpoint_dir``, a checkpoint ``last.ckpt`` there at the end of every epoch."""
     toy = {"limit_train_batches": TOY_BATCHES} if cfg.toy else {}
     callbacks = list(callbacks)
     if checkpoint_dir is not None:
@@ -141,7 +142,7 @@ def trainer(cfg: DictConfig, epochs: int, callbacks: Sequence[Callback] = (), ch
     return L.Trainer(
         accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=checkpoint_dir is not None,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        callbacks=callbacks, **toy,
+        precision=cfg.task.get("precision", "32-true"), callbacks=callbacks, **toy,
     )
 
 
