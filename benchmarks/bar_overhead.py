@@ -129,13 +129,19 @@ def timing_parser(script: str, description: str, steps: int, threads: int) -> ar
     return parser
 
 
-def comparison_parser(script: str, description: str) -> argparse.ArgumentParser:
-    """:func:`timing_parser` with the options of a comparison of training settings: ``--models
-    --gates``."""
+def compare_settings(script: str, description: str, variants: dict[str, dict], title: str, labels: dict[str, str],
+                     argv: list[str] | None) -> dict:
+    """The main function of a script (file name ``script``) that compares two training settings
+    (``variants``, see :func:`compare`) with the options of :func:`timing_parser` and ``--models
+    --gates``: times them, writes the record to ``--out`` and prints it (see :func:`print_comparison`)."""
     parser = timing_parser(script, description, steps=20, threads=1)
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["lenet5", "resnet20", "vgg16"])
     parser.add_argument("--gates", action="store_true", help="train with BAR's gates (as in its soft phase)")
-    return parser
+    args, context = start_timing(parser, argv)
+    results = {model: compare(model, variants, args) for model in args.models}
+    record = finish_timing(args, context, gates=args.gates, models=results)
+    print_comparison(title, record, labels)
+    return record
 
 
 def start_timing(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, dict]:

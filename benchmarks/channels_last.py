@@ -18,16 +18,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bar_overhead import compare, comparison_parser, finish_timing, print_comparison, start_timing  # noqa: E402  (the sibling benchmark's timed Lightning epoch)
+from bar_overhead import compare_settings  # noqa: E402  (the sibling benchmark's timed Lightning epoch)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args, context = start_timing(comparison_parser(Path(__file__).name, __doc__.splitlines()[0]), argv)
     variants = {"contiguous": {"channels_last": False}, "channels_last": {"channels_last": True}}
-    results = {model: compare(model, variants, args) for model in args.models}
-    record = finish_timing(args, context, gates=args.gates, models=results)
-    print_comparison("Channels-last batches", record, {"contiguous": "contiguous", "channels_last": "channels-last"})
-    return record
+    return compare_settings(Path(__file__).name, __doc__.splitlines()[0], variants, "Channels-last batches",
+                            {"contiguous": "contiguous", "channels_last": "channels-last"}, argv)
 
 
 if __name__ == "__main__":
