@@ -28,7 +28,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_prune.bench.runner import load_dense, task_datamodule
 from lightning_prune.bench.training import dense_restarts, fit, resumable, test_accuracy
@@ -36,6 +36,25 @@ from lightning_prune.classifier import ImageClassifier
 from lightning_prune.configs import config_dir
 
 HERE = Path(__file__).resolve().parent
+
+
+def run_name(args: argparse.Namespace, precision: str) -> str:
+    """The default name of a run: ``[scratch-]<epochs>-<lr>[-ls<label smoothing>][-<precision>]``
+    (no precision suffix for ``32-true``)."""
+    return (f"{'scratch-' if args.scratch else ''}{args.epochs}-{args.lr}"
+            + (f"-ls{args.label_smoothing}" if args.label_smoothing else "")
+            + (f"-{precision}" if precision != "32-true" else ""))
+
+
+def run_recipe(cfg: DictConfig, args: argparse.Namespace) -> DictConfig:
+    """The run's training recipe: the task's first warm restart (with ``--scratch``: its first
+    dense recipe without its length and its restarts) from ``args.lr``, with ``args.label_smoothing``."""
+    base = OmegaConf.masked_copy(cfg.task.dense, [k for k in cfg.task.dense if k not in ("epochs", "restarts")]) if args.scratch else dense_restarts(cfg)[0]
+    recipe = OmegaConf.merge(base, {"optimizer": {"lr": args.lr}})
+    if args.label_smoothing:
+        with open_dict(recipe):  # a key the task's recipe may not have
+            recipe.label_smoothing = args.label_smoothing
+    return recipe
 
 
 def main() -> None:
@@ -55,20 +74,13 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(config_dir("bench")), version_base="1.3"):
         cfg = compose("bench", overrides=["task=resnet20_cifar10", f"bench_dir={HERE}"])
     precision = cfg.task.get("precision", "32-true")
-    name = args.name or (f"{'scratch-' if args.scratch else ''}{args.epochs}-{args.lr}"
-                         + (f"-ls{args.label_smoothing}" if args.label_smoothing else "")
-                         + (f"-{precision}" if precision != "32-true" else ""))
+    name = args.name or run_name(args, precision)
     log = HERE / "dense_restart" / f"{name}.jsonl"
     if log.with_suffix(".pt").exists():
         print(f"finished: {log.with_suffix('.pt')} exists", flush=True)
         return
     torch.set_num_threads(args.threads)
-    # --scratch: the first dense recipe without its length and its restarts
-    base = OmegaConf.masked_copy(cfg.task.dense, [k for k in cfg.task.dense if k not in ("epochs", "restarts")]) if args.scratch else dense_restarts(cfg)[0]
-    recipe = OmegaConf.merge(base, {"optimizer": {"lr": args.lr}})
-    if args.label_smoothing:
-        with open_dict(recipe):  # a key the task's recipe may not have
-            recipe.label_smoothing = args.label_smoothing
+    recipe = run_recipe(cfg, args)
     L.seed_everything(0, workers=True)
     datamodule = task_datamodule(cfg)
     if args.start is None and not args.scratch:
