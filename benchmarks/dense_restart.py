@@ -11,7 +11,8 @@ checkpoint is not changed. With ``--scratch`` the network starts from a fresh in
 (seed 0) and trains with the task's first dense recipe (``task.dense``: cosine from ``lr``) stretched
 to ``epochs``: one long schedule instead of a continuation (name ``scratch-<epochs>-<lr>``).
 ``--label-smoothing`` smooths the training loss's targets (the recipe's ``label_smoothing``).
-The training runs in the task's ``precision``; a precision other than ``32-true`` ends the default
+``--teachers`` distils from the ensemble of the networks it names (:class:`EnsembleDistillation`,
+``--temperature``, ``--alpha``). The training runs in the task's ``precision``; a precision other than ``32-true`` ends the default
 name (``-bf16-mixed``).
 
     LP_DATA_DIR=../shared/data python benchmarks/dense_restart.py --epochs 40 --lr 0.05 --threads 2
@@ -25,12 +26,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torch import nn
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_prune.bench.runner import load_dense, task_datamodule
+from lightning_prune.callbacks.distillation import _DistillGradient
 from lightning_prune.bench.training import dense_restarts, fit, resumable, test_accuracy
 from lightning_prune.classifier import ImageClassifier
 from lightning_prune.configs import config_dir
@@ -39,10 +42,11 @@ HERE = Path(__file__).resolve().parent
 
 
 def run_name(args: argparse.Namespace, precision: str) -> str:
-    """The default name of a run: ``[scratch-]<epochs>-<lr>[-ls<label smoothing>][-<precision>]``
+    """The default name of a run: ``[scratch-]<epochs>-<lr>[-ls<label smoothing>][-kd<teachers>][-<precision>]``
     (no precision suffix for ``32-true``)."""
     return (f"{'scratch-' if args.scratch else ''}{args.epochs}-{args.lr}"
             + (f"-ls{args.label_smoothing}" if args.label_smoothing else "")
+            + (f"-kd{len(args.teachers)}" if getattr(args, "teachers", None) else "")
             + (f"-{precision}" if precision != "32-true" else ""))
 
 
@@ -57,6 +61,48 @@ def run_recipe(cfg: DictConfig, args: argparse.Namespace) -> DictConfig:
     return recipe
 
 
+def run_identity(args: argparse.Namespace, recipe: DictConfig, precision: str) -> str:
+    """What a run's checkpoints must match to be resumed: its arguments (not ``--threads``: a
+    resume with other threads continues the same run; not the optional flags at their defaults,
+    so that a run keeps the identity it had before they existed), recipe and precision."""
+    defaults = {"scratch": False, "label_smoothing": 0.0, "teachers": None}
+    if not args.teachers:
+        defaults.update(temperature=args.temperature, alpha=args.alpha)  # no distillation: not part of the run
+    identity = {k: str(v) for k, v in vars(args).items() if k != "threads" and not (k in defaults and v == defaults[k])}
+    return OmegaConf.to_yaml({"args": identity, "recipe": recipe, **({"precision": precision} if precision != "32-true" else {})})
+
+
+class EnsembleDistillation(Callback):
+    """Knowledge distillation from an ensemble (Hinton, Vinyals and Dean, "Distilling the
+    Knowledge in a Neural Network", arXiv:1503.02531): while the network trains, a forward hook
+    blends the gradient of the training loss on its logits with that of ``T^2 KL(p || p_student)``,
+    ``p`` the mean of the frozen ``teachers``' probabilities at temperature ``T`` (the share
+    ``alpha``; the package's BAR distillation does the same with one teacher)."""
+
+    def __init__(self, teachers: list[nn.Module], temperature: float, alpha: float) -> None:
+        self.teachers = [teacher.eval().requires_grad_(False) for teacher in teachers]
+        self.temperature, self.alpha = temperature, alpha
+        self._handle = None
+
+    def on_train_start(self, trainer: L.Trainer, module: ImageClassifier) -> None:
+        self._handle = module.net.register_forward_hook(self._distil)
+
+    def on_train_end(self, trainer: L.Trainer, module: ImageClassifier) -> None:
+        self._handle.remove()
+
+    def teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits whose softmax at the temperature is the teachers' mean probability."""
+        t = self.temperature
+        with torch.no_grad():
+            mean = torch.stack([(teacher(inputs).float() / t).softmax(-1) for teacher in self.teachers]).mean(0)
+        return t * mean.log()
+
+    def _distil(self, net: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if not net.training:  # the test-set scoring
+            return None
+        return _DistillGradient.apply(output, self.teacher_logits(inputs[0]), self.temperature, self.alpha, 1.0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=40)
@@ -65,12 +111,21 @@ def main() -> None:
     parser.add_argument("--start", type=Path, default=None, help="a state dict to continue (default: the suite's dense network)")
     parser.add_argument("--scratch", action="store_true", help="train a freshly initialised network with the task's dense recipe")
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the training loss")
+    parser.add_argument("--teachers", type=Path, nargs="+", default=None,
+                        help="state dicts of networks of the task's architecture: distil from their ensemble")
+    parser.add_argument("--temperature", type=float, default=4.0, help="of the distillation from --teachers")
+    parser.add_argument("--alpha", type=float, default=0.9, help="the distillation's share of the loss gradient")
     parser.add_argument("--name", default=None, help="the log's and the weights' file name (default: [scratch-]<epochs>-<lr>[-ls<label smoothing>][-<precision>])")
     args = parser.parse_args()
     if args.scratch and args.start is not None:
         parser.error("--scratch trains a fresh network: it takes no --start")
     if not 0 <= args.label_smoothing < 1:
         parser.error(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.temperature <= 0 or not 0 <= args.alpha <= 1:
+        parser.error(f"--temperature must be > 0 and --alpha in [0, 1], got {args.temperature} and {args.alpha}")
+    for teacher in args.teachers or ():
+        if not teacher.is_file():
+            parser.error(f"--teachers: no file {teacher}")
     with initialize_config_dir(config_dir=str(config_dir("bench")), version_base="1.3"):
         cfg = compose("bench", overrides=["task=resnet20_cifar10", f"bench_dir={HERE}"])
     precision = cfg.task.get("precision", "32-true")
@@ -104,12 +159,14 @@ def main() -> None:
             log.write_text("".join(line + "\n" for line in rows + [json.dumps(row)]))
             print(row, flush=True)
 
-    # the run's identity: a resume with another --threads continues the same run, and a run without
-    # --scratch or --label-smoothing keeps the identity it had before those flags existed
-    identity = {k: str(v) for k, v in vars(args).items() if k != "threads" and not (k in ("scratch", "label_smoothing") and not v)}
-    run = OmegaConf.to_yaml({"args": identity, "recipe": recipe, **({"precision": precision} if precision != "32-true" else {})})
-    with resumable(HERE / "partial" / f"dense_restart-{name}", run, time.perf_counter()) as checkpoints:
-        net = fit(cfg, datamodule, net, recipe, args.epochs, callbacks=[Score()])
+    with resumable(HERE / "partial" / f"dense_restart-{name}", run_identity(args, recipe, precision), time.perf_counter()) as checkpoints:
+        callbacks: list[Callback] = [Score()]
+        if args.teachers:
+            teachers = [instantiate(cfg.task.model, num_classes=datamodule.num_classes) for _ in args.teachers]
+            for teacher, path in zip(teachers, args.teachers):
+                teacher.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            callbacks.append(EnsembleDistillation(teachers, args.temperature, args.alpha))
+        net = fit(cfg, datamodule, net, recipe, args.epochs, callbacks=callbacks)
     torch.save(net.state_dict(), log.with_suffix(".pt"))
     checkpoints.delete()
 
