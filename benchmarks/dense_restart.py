@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_prune.bench.runner import load_dense, task_datamodule
 from lightning_prune.callbacks.distillation import _DistillGradient
-from lightning_prune.bench.training import dense_restarts, fit, resumable, test_accuracy
+from lightning_prune.bench.training import dense_restarts, fit, resumable, task_precision, test_accuracy
 from lightning_prune.classifier import ImageClassifier
 from lightning_prune.configs import config_dir
 
@@ -128,7 +128,7 @@ def main() -> None:
             parser.error(f"--teachers: no file {teacher}")
     with initialize_config_dir(config_dir=str(config_dir("bench")), version_base="1.3"):
         cfg = compose("bench", overrides=["task=resnet20_cifar10", f"bench_dir={HERE}"])
-    precision = cfg.task.get("precision", "32-true")
+    precision = task_precision(cfg)
     name = args.name or run_name(args, precision)
     log = HERE / "dense_restart" / f"{name}.jsonl"
     if log.with_suffix(".pt").exists():

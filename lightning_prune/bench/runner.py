@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_prune.bench.methods import METHODS, REFERENCE, Run
-from lightning_prune.bench.training import dense_epochs, dense_restarts, fit, latency_ratios, plain, resumable, test_accuracy
+from lightning_prune.bench.training import dense_epochs, dense_restarts, fit, latency_ratios, plain, resumable, task_precision, test_accuracy
 from lightning_prune.core.cost import CostModel, count_cost
 from lightning_prune.core.cost.latency import LATENCY, LatencyTable
 from lightning_prune.core.cost.latency_measure import measure_latency, time_network
@@ -121,7 +121,7 @@ def _environment(cfg: DictConfig) -> dict[str, Any]:
         "command": command_line(), "git_commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "precision": cfg.task.get("precision", "32-true"), "toy": bool(cfg.toy),
+        "precision": task_precision(cfg), "toy": bool(cfg.toy),
     }
 
 

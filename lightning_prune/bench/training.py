@@ -130,6 +130,11 @@ class _RunState(Callback):
         torch.set_rng_state(state_dict["torch"])
 
 
+def task_precision(cfg: DictConfig) -> str:
+    """The task's Lightning precision for training (``task.precision``, ``32-true`` unless set)."""
+    return str(cfg.task.get("precision", "32-true"))
+
+
 def trainer(cfg: DictConfig, epochs: int, callbacks: Sequence[Callback] = (), checkpoint_dir: Path | None = None) -> L.Trainer:
     """A quiet CPU Trainer: no validation, no logger (the result file is the record), in the
     task's ``precision`` (Lightning's precision setting, ``32-true`` unless the task names
@@ -142,7 +147,7 @@ def trainer(cfg: DictConfig, epochs: int, callbacks: Sequence[Callback] = (), ch
     return L.Trainer(
         accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=checkpoint_dir is not None,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        precision=cfg.task.get("precision", "32-true"), callbacks=callbacks, **toy,
+        precision=task_precision(cfg), callbacks=callbacks, **toy,
     )
 
 
