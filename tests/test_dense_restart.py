@@ -128,3 +128,16 @@ def test_dense_ensemble_scores_each_network_and_their_mean_probability(tmp_path:
     assert record["ensemble"] == pytest.approx(hits / 100)
     with pytest.raises(SystemExit):
         ensemble.main([str(tmp_path / "missing.pt")])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--teachers", "missing.pt"], "--teachers: no file missing.pt"),
+    (["--alpha", "1.5"], "--alpha in [0, 1]"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--scratch", "--start", "a.pt"], "--scratch trains a fresh network"),
+])
+def test_bad_arguments_are_refused_before_anything_runs(monkeypatch: pytest.MonkeyPatch, capsys, argv: list[str], message: str) -> None:
+    monkeypatch.setattr("sys.argv", ["dense_restart.py", *argv])
+    with pytest.raises(SystemExit):
+        _script().main()
+    assert message in capsys.readouterr().err
