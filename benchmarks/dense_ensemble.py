@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from hydra.utils import instantiate
 
 from lightning_prune.bench.runner import task_datamodule
 from lightning_prune.configs import config_dir
+from lightning_prune.train import load_network_weights
 
 
 @torch.no_grad()
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     nets = []
     for path in args.networks:
         net = instantiate(cfg.task.model, num_classes=datamodule.num_classes)
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        load_network_weights(net, path, "networks")
         nets.append(net.eval())
     correct = torch.zeros(len(nets) + 1)
     total = 0
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     accuracy = (100 * correct / total).tolist()
     record = {"task": args.task, "test_images": total,
               "networks": {str(path): acc for path, acc in zip(args.networks, accuracy)}, "ensemble": accuracy[-1],
-              "command": "python benchmarks/dense_ensemble.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+              "command": "python benchmarks/dense_ensemble.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__}
     for path, acc in record["networks"].items():
         print(f"{acc:6.2f}%  {path}")

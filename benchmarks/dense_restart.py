@@ -26,17 +26,18 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch import nn
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
 
 from lightning_prune.bench.runner import load_dense, task_datamodule
-from lightning_prune.callbacks.distillation import _DistillGradient
 from lightning_prune.bench.training import dense_restarts, fit, resumable, task_precision, test_accuracy
+from lightning_prune.callbacks.distillation import _DistillGradient
 from lightning_prune.classifier import ImageClassifier
 from lightning_prune.configs import config_dir
+from lightning_prune.train import load_network_weights
 
 HERE = Path(__file__).resolve().parent
 
@@ -46,7 +47,7 @@ def run_name(args: argparse.Namespace, precision: str) -> str:
     (no precision suffix for ``32-true``)."""
     return (f"{'scratch-' if args.scratch else ''}{args.epochs}-{args.lr}"
             + (f"-ls{args.label_smoothing}" if args.label_smoothing else "")
-            + (f"-kd{len(args.teachers)}" if getattr(args, "teachers", None) else "")
+            + (f"-kd{len(args.teachers)}" if args.teachers else "")
             + (f"-{precision}" if precision != "32-true" else ""))
 
 
@@ -143,7 +144,7 @@ def main() -> None:
     else:
         net = instantiate(cfg.task.model, num_classes=datamodule.num_classes)
         if args.start is not None:
-            net.load_state_dict(torch.load(args.start, map_location="cpu", weights_only=True))
+            load_network_weights(net, args.start, "--start")
     log.parent.mkdir(exist_ok=True)
 
     class Score(Callback):
@@ -164,7 +165,7 @@ def main() -> None:
         if args.teachers:
             teachers = [instantiate(cfg.task.model, num_classes=datamodule.num_classes) for _ in args.teachers]
             for teacher, path in zip(teachers, args.teachers):
-                teacher.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+                load_network_weights(teacher, path, "--teachers")
             callbacks.append(EnsembleDistillation(teachers, args.temperature, args.alpha))
         net = fit(cfg, datamodule, net, recipe, args.epochs, callbacks=callbacks)
     torch.save(net.state_dict(), log.with_suffix(".pt"))

@@ -32,22 +32,23 @@ def _instantiate_dict(section: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in section.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
-def load_network_weights(net: torch.nn.Module, path: str | Path) -> None:
+def load_network_weights(net: torch.nn.Module, path: str | Path, argument: str = "init_from") -> None:
     """Load trained weights into ``net`` (the network, not the LightningModule) from ``path``:
     a Lightning checkpoint of ``ImageClassifier`` (its ``state_dict`` entries under ``net.``) or
-    a plain ``state_dict`` of the network. The shapes must match (a dense network's weights)."""
+    a plain ``state_dict`` of the network. The shapes must match (a dense network's weights).
+    Errors name ``argument``, the option that gave ``path``."""
     path = Path(path)
-    state = read_torch_file(path, "a checkpoint or state_dict file", prefix="init_from: ")
+    state = read_torch_file(path, "a checkpoint or state_dict file", prefix=f"{argument}: ")
     if not isinstance(state, dict):
-        raise ValueError(f"init_from: {path} holds a {type(state).__name__}, not a checkpoint or state_dict")
+        raise ValueError(f"{argument}: {path} holds a {type(state).__name__}, not a checkpoint or state_dict")
     if isinstance(state.get("state_dict"), dict):
         state = {k[len("net."):]: v for k, v in state["state_dict"].items() if k.startswith("net.")}
         if not state:
-            raise ValueError(f"init_from: the checkpoint {path} has no 'net.' weights (not an ImageClassifier checkpoint)")
+            raise ValueError(f"{argument}: the checkpoint {path} has no 'net.' weights (not an ImageClassifier checkpoint)")
     try:
         net.load_state_dict(state)
     except RuntimeError as error:
-        raise ValueError(f"init_from: the weights in {path} do not fit {type(net).__name__}: {error}") from error
+        raise ValueError(f"{argument}: the weights in {path} do not fit {type(net).__name__}: {error}") from error
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:

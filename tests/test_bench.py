@@ -250,6 +250,9 @@ def test_a_dense_network_trained_elsewhere_is_imported(folder: Path, tmp_path: P
     assert all(torch.equal(v, torch.load(source, weights_only=True)[k]) for k, v in imported.items())
     with pytest.raises(FileNotFoundError, match="dense_from: no file"):
         dense(bench_cfg(tmp_path / "other", "stage=dense", "task=lenet5_mnist", f"dense_from={tmp_path}/missing.pt"))
+    torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="dense_from: the weights .* do not fit"):
+        dense(bench_cfg(tmp_path / "foreign", "stage=dense", "task=lenet5_mnist", f"dense_from={tmp_path}/foreign.pt"))
 
 
 def test_dense_warm_restarts_continue_the_training_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> None:

@@ -36,7 +36,7 @@ def _cfg():
 
 
 def _args(**kwargs) -> argparse.Namespace:
-    return argparse.Namespace(**{"scratch": False, "epochs": 40, "lr": 0.05, "label_smoothing": 0.0, **kwargs})
+    return argparse.Namespace(**{"scratch": False, "epochs": 40, "lr": 0.05, "label_smoothing": 0.0, "teachers": None, **kwargs})
 
 
 def test_a_continued_network_trains_with_the_first_restart_and_its_label_smoothing() -> None:

@@ -172,6 +172,8 @@ def test_init_from_loads_a_lightning_checkpoint_or_a_state_dict(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), trained.state_dict().values()))
     with pytest.raises(ValueError, match="init_from: the weights .* do not fit"):
         load_network_weights(LeNet5(width=0.5), tmp_path / "b.pt")
+    with pytest.raises(ValueError, match="--teachers: the weights .* do not fit"):  # the option that named the file
+        load_network_weights(LeNet5(width=0.5), tmp_path / "b.pt", "--teachers")
     torch.save({"state_dict": {"model.w": torch.zeros(1)}}, tmp_path / "c.ckpt")
     with pytest.raises(ValueError, match="no 'net.' weights"):
         load_network_weights(LeNet5(), tmp_path / "c.ckpt")

@@ -148,7 +148,7 @@ def dense(cfg: DictConfig) -> dict[str, Any]:
         raise FileNotFoundError(f"dense_from: no file {source}")
     with _resumable(cfg, path, started) as checkpoints:
         if source:  # trained elsewhere (e.g. on a GPU, or by lightning-prune's train entry point)
-            load_network_weights(net, source)
+            load_network_weights(net, source, "dense_from")
         else:
             net = fit(cfg, datamodule, net, cfg.task.dense, int(cfg.task.dense.epochs))
             for restart in dense_restarts(cfg):
