@@ -14,6 +14,8 @@ import torchvision
 from PIL import Image
 
 from lightning_prune.data import (
+    BatchRandomCrop,
+    BatchRandomHorizontalFlip,
     CIFAR10DataModule,
     CIFAR100DataModule,
     DatasetNotFoundError,
@@ -72,7 +74,7 @@ def test_cifar10_loads_from_the_jpeg_archive(data_dir, cache_dir):
 def test_cifar_augmentation_is_pad4_crop_and_flip_on_train_only(data_dir, cache_dir):
     dm = CIFAR10DataModule(data_dir, cache_dir=cache_dir, val_size=10, subset=20)
     names = [type(t).__name__ for t in dm.train_transform().transforms]
-    assert names == ["RandomCrop", "RandomHorizontalFlip", "ConvertImageDtype", "Normalize"]  # on decoded uint8 tensors
+    assert names == ["BatchRandomCrop", "BatchRandomHorizontalFlip", "ConvertImageDtype", "Normalize"]  # on decoded uint8 batches
     assert dm.train_transform().transforms[0].padding == 4
     assert [type(t).__name__ for t in dm.eval_transform().transforms] == ["ConvertImageDtype", "Normalize"]
     dm.setup("fit")
@@ -152,14 +154,17 @@ def make_cifar_archive(folder: Path, per_class: int = 3) -> Path:
 
 
 def test_decoded_archive_gives_the_items_of_image_folder_on_the_extracted_files(tmp_path):
-    """Same images, labels, order, classes and random crops and flips as torchvision's ImageFolder
-    on the extracted archive with PIL transforms (the way the archive was read before)."""
+    """Same images, labels, order, classes as torchvision's ImageFolder on the extracted archive
+    with PIL transforms (the way the archive was read before); an item alone also gets the same
+    random crop and flip."""
     data = make_cifar_archive(tmp_path)
     dm = CIFAR10DataModule(data, cache_dir=tmp_path / "cache", val_size=2, batch_size=4)
     dm.setup()
     extracted = torchvision.datasets.ImageFolder(str(tmp_path / "src" / "cifar10" / "train"))
     assert dm.train_set.dataset.classes == extracted.classes == ["airplane", "cat", "dog"]
-    pil_train = torchvision.transforms.Compose([*dm.train_augmentation(), torchvision.transforms.ToTensor(),
+    pil_train = torchvision.transforms.Compose([torchvision.transforms.RandomCrop(32, padding=4),
+                                                torchvision.transforms.RandomHorizontalFlip(),
+                                                torchvision.transforms.ToTensor(),
                                                 torchvision.transforms.Normalize(dm.mean, dm.std)])
     pil_eval = torchvision.transforms.Compose(pil_train.transforms[2:])
     for index in range(len(extracted)):
@@ -172,6 +177,51 @@ def test_decoded_archive_gives_the_items_of_image_folder_on_the_extracted_files(
         assert torch.equal(dm.val_set.dataset[index][0], pil_eval(image))
     test = torchvision.datasets.ImageFolder(str(tmp_path / "src" / "cifar10" / "test"))
     assert [label for _, label in test] == dm.test_set.labels.tolist()
+
+
+def test_batch_crop_and_flip_draw_each_image_its_own_crop_and_flip():
+    """A batch gets, image by image, torchvision's padded crop at the offsets drawn for it and a
+    flip where its draw says so: all rows, then all columns, then all flips."""
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    torch.manual_seed(7)
+    out = BatchRandomHorizontalFlip()(BatchRandomCrop(32, padding=4)(images))
+    torch.manual_seed(7)
+    rows, cols, flips = torch.randint(0, 9, (16,)), torch.randint(0, 9, (16,)), torch.rand(16) < 0.5
+    F = torchvision.transforms.functional
+    for k in range(16):
+        crop = F.crop(F.pad(images[k], [4]), int(rows[k]), int(cols[k]), 32, 32)
+        assert torch.equal(out[k], F.hflip(crop) if flips[k] else crop)
+    assert out.dtype == torch.uint8 and out.is_contiguous()
+    assert len({(int(r), int(c)) for r, c in zip(rows, cols)}) > 1 and 0 < int(flips.sum()) < 16  # not one draw for all
+    assert torch.equal(BatchRandomCrop(32, padding=0)(images), images)  # the only crop
+    with pytest.raises(ValueError, match="crop of padded 40x40"):
+        BatchRandomCrop(48, padding=4)(images)
+    with pytest.raises(ValueError, match="size"):
+        BatchRandomCrop(0, padding=4)
+    with pytest.raises(TypeError, match="padding"):
+        BatchRandomCrop(32, padding=4.0)
+    with pytest.raises(ValueError, match="p must be a probability"):
+        BatchRandomHorizontalFlip(p=1.5)
+
+
+def test_a_dataloader_transforms_decoded_images_a_batch_at_a_time(tmp_path):
+    """The loader's batches come from one call of the transform per batch (``__getitems__``,
+    through the train/val ``Subset``), on the batch's images in the sampler's order."""
+    data = make_cifar_archive(tmp_path)
+    dm = CIFAR10DataModule(data, cache_dir=tmp_path / "cache", val_size=0, batch_size=5)
+    dm.setup("fit")
+    decoded = dm.train_set.dataset
+    calls = []
+    transform = decoded.transform
+    decoded.transform = lambda batch: calls.append((batch, transform(batch))) or calls[-1][1]
+    x, y = first_batch(dm.train_dataloader())
+    assert len(calls) == 1 and x.shape == (5, 3, 32, 32) and x.dtype == torch.float32
+    assert torch.equal(x, calls[0][1])
+    calls.clear()
+    x, y = first_batch(torch.utils.data.DataLoader(dm.train_set, batch_size=5))  # in order
+    first = torch.as_tensor(dm.train_set.indices[:5])
+    assert len(calls) == 1 and torch.equal(calls[0][0], decoded.images[first]) and torch.equal(x, calls[0][1])
+    assert y.tolist() == decoded.labels[first].tolist()
 
 
 def test_decoded_archive_cache_is_reused_and_rebuilt_when_stale_or_corrupt(tmp_path, monkeypatch):

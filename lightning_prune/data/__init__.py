@@ -1,6 +1,8 @@
 """LightningDataModules: MNIST, Fashion-MNIST, CIFAR-10/100, SVHN and any ImageFolder."""
 
 from lightning_prune.data.datamodules import (
+    BatchRandomCrop,
+    BatchRandomHorizontalFlip,
     CIFAR10DataModule,
     CIFAR100DataModule,
     DatasetNotFoundError,
@@ -17,6 +19,8 @@ __all__ = [
     "MNISTDataModule",
     "FashionMNISTDataModule",
     "CIFAR10DataModule",
+    "BatchRandomCrop",
+    "BatchRandomHorizontalFlip",
     "CIFAR100DataModule",
     "SVHNDataModule",
     "ImageFolderDataModule",

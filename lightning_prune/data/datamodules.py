@@ -239,11 +239,58 @@ class _CifarAugmentation:
         return [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
 
 
+class BatchRandomCrop:
+    """torchvision's ``RandomCrop(size, padding)`` (zero padding) for a batch of images
+    ``(N, C, H, W)``: every image gets its own crop, uniform over the padded image. The offsets
+    are drawn as ``torch.randint`` of all rows, then of all columns, so that a batch of one image
+    draws the same numbers, and gets the same crop, as ``RandomCrop`` on that image."""
+
+    def __init__(self, size: int, padding: int) -> None:
+        self.size, self.padding = check_int("size", size, minimum=1), check_int("padding", padding, minimum=0)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        n = images.shape[0]
+        padded = torch.nn.functional.pad(images, [self.padding] * 4)
+        height, width = padded.shape[-2:]
+        if height < self.size or width < self.size:
+            raise ValueError(f"BatchRandomCrop: a {self.size}x{self.size} crop of padded {height}x{width} images")
+        if (height, width) == (self.size, self.size):
+            return padded  # one possible crop: no draw, as in RandomCrop
+        window = torch.arange(self.size)
+        rows = torch.randint(0, height - self.size + 1, (n,))[:, None] + window  # (N, size)
+        cols = torch.randint(0, width - self.size + 1, (n,))[:, None] + window
+        crops = padded[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (N, size, size, C)
+        return crops.permute(0, 3, 1, 2).contiguous()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, padding={self.padding})"
+
+
+class BatchRandomHorizontalFlip:
+    """torchvision's ``RandomHorizontalFlip(p)`` for a batch of images ``(N, C, H, W)``: every
+    image is flipped or not on its own draw (``torch.rand(N) < p``; for one image, the draw of
+    ``RandomHorizontalFlip``)."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
+        self.p = p
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        flip = torch.rand(images.shape[0]) < self.p
+        return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.p})"
+
+
 class DecodedImages(Dataset):
-    """Images held decoded as one ``uint8`` tensor ``(N, C, H, W)`` with their ``labels``; item
-    ``i`` is ``(transform(images[i]), labels[i])``, the image a ``uint8`` CHW tensor (torchvision's
-    crops and flips take such tensors and draw the same random numbers as for PIL images).
-    ``classes``: the class names, by label."""
+    """Images held decoded as one ``uint8`` tensor ``(N, C, H, W)`` with their ``labels``. The
+    ``transform`` takes a batch of such images ``(B, C, H, W)`` and treats each image on its own
+    (torchvision's dtype conversion and normalisation, :class:`BatchRandomCrop`,
+    :class:`BatchRandomHorizontalFlip`): a DataLoader fetches its batches through
+    :meth:`__getitems__`, which transforms the whole batch in one call, and item ``i`` is
+    ``(transform(images[i:i+1])[0], labels[i])``. ``classes``: the class names, by label."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable | None = None,
                  classes: Sequence[str] = ()) -> None:
@@ -254,9 +301,15 @@ class DecodedImages(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Any, int]]:
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        images = self.images[index]
+        if self.transform is not None:
+            images = self.transform(images)
+        return list(zip(images.unbind(0), self.labels[index].tolist()))
+
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = self.images[index]
-        return (self.transform(image) if self.transform is not None else image), int(self.labels[index])
+        return self.__getitems__([index])[0]
 
 
 def decode_image_folder_archive(archive: Path, splits: Sequence[str]) -> dict[str, Any]:
@@ -295,8 +348,11 @@ class CIFAR10DataModule(_CifarAugmentation, VisionDataModule):
     absent, from the JPEG ImageFolder archive ``<data_dir>/cifar10-jpg.tar.gz``, decoded once into
     ``<cache_dir>/cifar10-jpg.pt`` (default ``cache_dir``: ``~/.cache/lightning-prune``) and read
     from there memory-mapped: no JPEG is decoded while training, and processes on one machine
-    share the pages. The decoded images, their order and the random crops and flips are those of
-    ``torchvision.datasets.ImageFolder`` on the extracted archive."""
+    share the pages. The decoded images and their order are those of
+    ``torchvision.datasets.ImageFolder`` on the extracted archive; the crops and flips are drawn
+    for a whole batch at once (:class:`BatchRandomCrop`, :class:`BatchRandomHorizontalFlip`):
+    each image's on its own, from the same distribution as torchvision's, and for a single item
+    the same numbers."""
 
     name, num_classes, input_shape = "CIFAR-10", 10, (3, 32, 32)
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -314,6 +370,13 @@ class CIFAR10DataModule(_CifarAugmentation, VisionDataModule):
 
     def to_tensor(self) -> Callable:
         return transforms.ConvertImageDtype(torch.float32) if self._from_archive() else super().to_tensor()
+
+    def train_augmentation(self) -> list[Callable]:
+        """From the archive, the batch versions of the crop and flip (the decoded images are
+        transformed a batch at a time, see :class:`DecodedImages`)."""
+        if self._from_archive():
+            return [BatchRandomCrop(32, padding=4), BatchRandomHorizontalFlip()]
+        return super().train_augmentation()
 
     def decoded_archive(self) -> dict[str, Any]:
         """The archive's images, decoded (see :func:`decode_image_folder_archive`); cached in
