@@ -1,5 +1,5 @@
 """Does a longer dense schedule bring the suite's ResNet-20 to 89% on this CIFAR-10 copy? One
-more cosine cycle (the recipe of the task's first warm restart, ``task.dense.restarts[0]``, from ``lr``) continues the
+more cosine cycle (the task's dense recipe, ``task.dense``, from ``lr``) continues the
 suite's dense network (``benchmarks/checkpoints/resnet20_cifar10.pt``, or the weights
 ``--start`` names) for ``epochs`` epochs, and the full test set scores it every 5 epochs. The log (one JSON line per epoch:
 ``train_acc`` is the accuracy of the epoch's last training batch, ``test`` the test accuracy)
@@ -8,8 +8,7 @@ goes to ``benchmarks/dense_restart/<name>.jsonl`` and the continued network's we
 its last epoch (the bench's per-epoch checkpoints, in ``benchmarks/partial/``, deleted once the
 weights are saved), and a finished one (its ``.pt`` exists) is skipped. The suite's dense
 checkpoint is not changed. With ``--scratch`` the network starts from a fresh initialisation
-(seed 0) and trains with the task's first dense recipe (``task.dense``: cosine from ``lr``) stretched
-to ``epochs``: one long schedule instead of a continuation (name ``scratch-<epochs>-<lr>``).
+(seed 0) and trains with the same recipe: one long schedule instead of a continuation (name ``scratch-<epochs>-<lr>``).
 ``--label-smoothing`` smooths the training loss's targets (the recipe's ``label_smoothing``).
 ``--teachers`` distils from the ensemble of the networks it names (:class:`EnsembleDistillation`,
 ``--temperature``, ``--alpha``). The training runs in the task's ``precision``; a precision other than ``32-true`` ends the default
@@ -33,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from lightning_prune.bench.runner import load_dense, task_datamodule
-from lightning_prune.bench.training import dense_restarts, fit, resumable, task_precision, test_accuracy
+from lightning_prune.bench.training import fit, resumable, task_precision, test_accuracy
 from lightning_prune.callbacks.distillation import _DistillGradient
 from lightning_prune.classifier import ImageClassifier
 from lightning_prune.configs import config_dir
@@ -52,9 +51,11 @@ def run_name(args: argparse.Namespace, precision: str) -> str:
 
 
 def run_recipe(cfg: DictConfig, args: argparse.Namespace) -> DictConfig:
-    """The run's training recipe: the task's first warm restart (with ``--scratch``: its first
-    dense recipe without its length and its restarts) from ``args.lr``, with ``args.label_smoothing``."""
-    base = OmegaConf.masked_copy(cfg.task.dense, [k for k in cfg.task.dense if k not in ("epochs", "restarts")]) if args.scratch else dense_restarts(cfg)[0]
+    """The run's training recipe, from scratch or continuing a network: the task's dense recipe
+    without its length and its restarts (its optimizer and schedule, which the run stretches to
+    its epochs) from ``args.lr``, with ``args.label_smoothing``. (Until the twentieth session a
+    continued run took the task's first warm restart, the same SGD with a cosine schedule.)"""
+    base = OmegaConf.masked_copy(cfg.task.dense, [k for k in cfg.task.dense if k not in ("epochs", "restarts")])
     recipe = OmegaConf.merge(base, {"optimizer": {"lr": args.lr}})
     if args.label_smoothing:
         with open_dict(recipe):  # a key the task's recipe may not have

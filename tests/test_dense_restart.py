@@ -39,21 +39,17 @@ def _args(**kwargs) -> argparse.Namespace:
     return argparse.Namespace(**{"scratch": False, "epochs": 40, "lr": 0.05, "label_smoothing": 0.0, "teachers": None, **kwargs})
 
 
-def test_a_continued_network_trains_with_the_first_restart_and_its_label_smoothing() -> None:
+def test_a_run_trains_with_the_task_dense_recipe_from_its_lr_and_label_smoothing() -> None:
+    """Continued or from scratch: the task's dense optimizer and schedule, no length, no
+    restarts (the run gives the epochs), from ``--lr``; the task's recipe itself is unchanged."""
     cfg = _cfg()
-    recipe = _script().run_recipe(cfg, _args(label_smoothing=0.1))
-    restart = cfg.task.dense.restarts[0]
-    assert recipe.label_smoothing == 0.1 and recipe.optimizer.lr == 0.05
-    assert recipe.scheduler == restart.scheduler and recipe.optimizer.momentum == restart.optimizer.momentum
-    assert "label_smoothing" not in restart and restart.optimizer.lr == 0.02  # the task's recipe is unchanged
+    for scratch in (False, True):
+        recipe = _script().run_recipe(cfg, _args(scratch=scratch, epochs=200, lr=0.05, label_smoothing=0.1))
+        assert set(recipe) == {"optimizer", "scheduler", "label_smoothing"} and recipe.label_smoothing == 0.1
+        assert recipe.optimizer.lr == 0.05 and recipe.scheduler == cfg.task.dense.scheduler
+        assert recipe.optimizer.momentum == cfg.task.dense.optimizer.momentum and recipe.optimizer.nesterov
+    assert "label_smoothing" not in cfg.task.dense and cfg.task.dense.optimizer.lr == 0.1
     assert "label_smoothing" not in _script().run_recipe(cfg, _args())
-
-
-def test_a_network_from_scratch_trains_with_the_first_dense_recipe() -> None:
-    cfg = _cfg()
-    recipe = _script().run_recipe(cfg, _args(scratch=True, epochs=200, lr=0.1))
-    assert set(recipe) == {"optimizer", "scheduler"}  # no length, no restarts: the run gives the epochs
-    assert recipe.optimizer.lr == 0.1 and recipe.scheduler == cfg.task.dense.scheduler
 
 
 def test_run_names() -> None:
