@@ -227,7 +227,7 @@ def plot(rows: Iterable[Mapping[str, Any]], folder: Path) -> list[Path]:
             for name, base, pruned, speedup in TORCH_PRUNING_RESNET56:
                 ax.scatter([full / speedup], [dense - (base - pruned)], marker="x", color="black")
                 ax.annotate(f"TP {name}, ResNet-56 drop", (full / speedup, dense - (base - pruned)), fontsize=6,
-                            xytext=(-95, 4 if name.endswith("BN") else -10), textcoords="offset points")
+                            xytext=(5, 3 if name.endswith("BN") else -9), textcoords="offset points")  # right: inside the axes
         kinds = sorted({r["cost"] for r in task_rows})
         ax.set_xscale("log")
         ax.set_xlabel("MACs per image (log)")
