@@ -53,8 +53,9 @@ def run_name(args: argparse.Namespace, precision: str) -> str:
 def run_recipe(cfg: DictConfig, args: argparse.Namespace) -> DictConfig:
     """The run's training recipe, from scratch or continuing a network: the task's dense recipe
     without its length and its restarts (its optimizer and schedule, which the run stretches to
-    its epochs) from ``args.lr``, with ``args.label_smoothing``. (Until the twentieth session a
-    continued run took the task's first warm restart, the same SGD with a cosine schedule.)"""
+    its epochs) from ``args.lr``, with ``args.label_smoothing``. (The continued runs logged in
+    benchmarks/dense_restart/ before the task dropped its warm restart took that restart's recipe:
+    the same SGD with a cosine schedule.)"""
     base = OmegaConf.masked_copy(cfg.task.dense, [k for k in cfg.task.dense if k not in ("epochs", "restarts")])
     recipe = OmegaConf.merge(base, {"optimizer": {"lr": args.lr}})
     if args.label_smoothing:
