@@ -171,6 +171,22 @@ def test_a_killed_run_resumes_from_its_last_epoch(folder: Path, monkeypatch: pyt
     assert resumed["wall_seconds"] > 0
 
 
+def test_a_killed_run_resumes_with_its_folder_at_another_path(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmarks folder is where a run writes, not what it is: checkpoints committed with the
+    repository resume in a clone at another path (here the same folder spelt differently)."""
+    cfg = bench_cfg(folder, "task=lenet5_mnist", "method=random", "budget.factor=2", "seed=5")
+    with monkeypatch.context() as patch:
+        _kill_at_epoch(patch, epoch=1)
+        with pytest.raises(_Killed):
+            prune(cfg)
+    elsewhere = bench_cfg(folder / ".." / folder.name, "task=lenet5_mnist", "method=random", "budget.factor=2", "seed=5")
+    assert elsewhere.bench_dir != cfg.bench_dir
+    with monkeypatch.context() as patch:
+        trained = _kill_at_epoch(patch, epoch=-1)
+        resumed = prune(elsewhere)
+    assert trained[0] == 1 and resumed["info"]["resumed"] == [{"fit": 0, "epochs_skipped": 1}]
+
+
 def test_checkpoints_of_another_configuration_or_unreadable_are_not_resumed(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = bench_cfg(folder, "task=lenet5_mnist", "method=random", "budget.factor=2", "seed=4")
     partial = partial_dir(cfg, result_path(cfg))

@@ -61,8 +61,12 @@ def partial_dir(cfg: DictConfig, path: Path) -> Path:
 def _resumable(cfg: DictConfig, path: Path, started: float) -> Any:
     """The run that writes ``path`` saves a checkpoint every epoch under ``partial_dir`` and, when
     killed, resumes from there (with the same configuration) the next time it is started."""
-    config = OmegaConf.to_yaml(cfg)  # unresolved: the choices and overrides, not where this process runs
-    return resumable(partial_dir(cfg, path), config, started)
+    # Unresolved: the choices and overrides, not where this process runs; without ``bench_dir``,
+    # where it writes (the folder the checkpoints are in), so that checkpoints committed with the
+    # repository resume in a clone of it at another path.
+    config = OmegaConf.to_container(cfg, resolve=False)
+    del config["bench_dir"]
+    return resumable(partial_dir(cfg, path), OmegaConf.to_yaml(config), started)
 
 
 def row_name(cfg: DictConfig) -> str:
