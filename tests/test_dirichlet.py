@@ -5,6 +5,7 @@ unedited foreign LightningModule. (Gate-level maths is in test_gates.py.)"""
 
 from __future__ import annotations
 
+import atexit
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -491,14 +493,16 @@ def ddp_run(out: str, devices: int) -> None:
                                    verbose=False, allocation="taylor")
     t = trainer(devices=devices, strategy="ddp" if devices > 1 else "auto", max_epochs=1, callbacks=[switches],
                 use_distributed_sampler=False)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # registered before fit, so it runs after any exit handler the callbacks register (LIFO)
+    atexit.register(lambda: (out_dir / f"rank{t.global_rank}.exit").write_text(str(dist.is_initialized())))
     loader = tiny_loader(32 // devices, n=256)
     if devices > 1:  # rank r takes samples r, r+2, ...: each step's two halves make the single run's batch
         sampler = torch.utils.data.DistributedSampler(loader.dataset, devices, t.global_rank, shuffle=False)
         loader = DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler)
     t.fit(module, loader)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in tensor_state(module).items()},
-               Path(out) / f"rank{t.global_rank}.pt")
+    torch.save({k: v.detach().cpu() for k, v in tensor_state(module).items()}, out_dir / f"rank{t.global_rank}.pt")
 
 
 @pytest.mark.slow  # three processes: mostly the time to start torch, lightning and gloo
@@ -510,6 +514,8 @@ def test_ddp_two_cpu_processes_match_one_process_and_keep_the_weights_frozen(tmp
         done = subprocess.run([sys.executable, str(script), str(tmp_path / name), str(devices)], env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
+    # the gloo group is destroyed while the interpreter is alive (left to finalization, it can abort the process)
+    assert [(tmp_path / "ddp" / f"rank{r}.exit").read_text() for r in (0, 1)] == ["False", "False"]
     ref = torch.load(tmp_path / "single" / "rank0.pt", weights_only=True)
     ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     L.seed_everything(0)

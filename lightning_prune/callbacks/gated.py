@@ -22,6 +22,8 @@ Other callbacks (:class:`~lightning_prune.callbacks.HardPruning`,
 
 from __future__ import annotations
 
+import atexit
+import functools
 import multiprocessing
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -128,6 +130,21 @@ def rewrap_ddp(trainer: L.Trainer) -> None:
     if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
         strategy.model = strategy.lightning_module
         strategy.configure_ddp()
+
+
+@functools.cache
+def destroy_process_group_at_exit() -> None:
+    """Destroy the default process group when the interpreter exits, while it is still alive.
+    Lightning does this for NCCL only; a gloo group (DDP on CPUs) left to the interpreter's
+    finalization can abort the process after training finished ("terminate called without an
+    active exception", exit code -6), its worker threads still holding tensors. Registered once
+    per process; a group the user destroyed already is left alone."""
+    atexit.register(_destroy_default_process_group)
+
+
+def _destroy_default_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def spawned_worker(trainer: L.Trainer) -> bool:
@@ -237,6 +254,8 @@ class GatedPruning(Callback):
         if stage != "fit" or self.session is not None:
             return
         network = find_network(pl_module, self.module)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            destroy_process_group_at_exit()
         if spawned_worker(trainer) and not pruned_loading_enabled(pl_module):
             raise ValueError(
                 f"strategy: under {type(trainer.strategy).__name__} with worker processes started by multiprocessing "
