@@ -143,8 +143,13 @@ def destroy_process_group_at_exit() -> None:
 
 
 def _destroy_default_process_group() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if process_group_initialized():
         torch.distributed.destroy_process_group()
+
+
+def process_group_initialized() -> bool:
+    """Whether this process has a default ``torch.distributed`` process group (DDP's)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def spawned_worker(trainer: L.Trainer) -> bool:
@@ -254,7 +259,7 @@ class GatedPruning(Callback):
         if stage != "fit" or self.session is not None:
             return
         network = find_network(pl_module, self.module)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if process_group_initialized():
             destroy_process_group_at_exit()
         if spawned_worker(trainer) and not pruned_loading_enabled(pl_module):
             raise ValueError(
